@@ -1,0 +1,55 @@
+"""The `vusb` command line: one click group, one sub-command per job.
+
+User mistakes and deliberate errors (`VusbError`) become one line on stderr and exit status 1, never a
+traceback; `--verbose` turns on protocol-level logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+
+from emulator import __version__
+from emulator.errors import VusbError
+
+err_console = Console(stderr=True)
+
+
+class VusbGroup(click.Group):
+    """A click group that reports `VusbError` (and OSError from user-supplied paths) as one clear line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VusbError as exc:
+            err_console.print(f"[bold red]vusb: error:[/] {exc}", highlight=False)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            err_console.print("vusb: interrupted")
+            sys.exit(130)
+
+
+@click.group(cls=VusbGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vusb")
+@click.option("-v", "--verbose", count=True, help="Log protocol events (-vv for every message).")
+def cli(verbose: int) -> None:
+    """vusb: USB devices over IP — serve, import, bridge, record and replay USB devices."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err_console, show_time=False, show_path=False)],
+    )
+
+
+def main() -> None:
+    cli(prog_name="vusb")
+
+
+if __name__ == "__main__":
+    main()

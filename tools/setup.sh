@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh Debian machine (as root): system packages, a virtualenv in .venv with vusb
+# installed (editable, with test extras), and the guest kernel for the VM harness. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash tools/install-system-deps.sh
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -U pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
