@@ -1,0 +1,621 @@
+"""Sans-I/O USB/IP conversations: `ServerConnection` (the usbipd + stub side) and `ClientConnection` (the
+`usbip attach` + vhci side), modelled on h11's `Connection`.
+
+Feed bytes with `receive_data(data)` (`b""` means the peer closed), pull events with `next_event()` (a
+message, `ConnectionClosed`, or `NEED_DATA`), and turn your own messages into bytes with `send(message)`.
+Nothing here touches a socket.
+
+Phases (`Phase`), as usbipd runs them: one operation per connection. OP_REQ_DEVLIST is answered with
+OP_REP_DEVLIST and the connection is DONE (close it). OP_REQ_IMPORT is answered with OP_REP_IMPORT; ST_OK
+switches to the URB phase (CMD_SUBMIT / CMD_UNLINK from the client, RET_SUBMIT / RET_UNLINK from the
+server), any other status makes it DONE. A server's `next_event()` returns NEED_DATA while its own reply
+to the operation is due (bytes that arrive meanwhile wait in the buffer).
+
+Seqnums are tracked both ways: a CMD_SUBMIT or CMD_UNLINK may not reuse a seqnum still outstanding, every
+RET must answer an outstanding one. Unlink follows stub_rx.c / stub_tx.c / vhci_rx.c:
+* a CMD_UNLINK of a URB still pending cancels it: the server answers RET_UNLINK (status -ECONNRESET, or
+  the URB's own status if it completed anyway, as stub_complete sends) and **no** RET_SUBMIT; sending one
+  raises `UnlinkedUrbError` (a LocalProtocolError, nothing sent). Avoid it by checking
+  `unlinked_seqnums`, or call `ServerConnection.complete(ret)`, which does what stub_complete does: sends
+  the RET_SUBMIT, or the due RET_UNLINK instead if the URB was unlinked meanwhile.
+* a CMD_UNLINK of a URB already answered (or never known: the kernel cannot tell them apart either) gets
+  RET_UNLINK status 0; the server may not claim anything else. `ret_unlink_for(seqnum)` builds the right
+  reply for either case.
+* on the client, a RET_SUBMIT that overtakes the RET_UNLINK of its URB is legal (the URB completed before
+  the unlink reached the server); a RET_UNLINK of a still-pending URB finishes it, and a later RET_SUBMIT
+  for it is an error (vhci_rx.c drops the connection too).
+
+Errors: bad bytes from the peer raise a `RemoteProtocolError` subclass from `next_event()`, and the
+connection stays in Phase.ERROR (further bytes are discarded, next_event() raises the same error again).
+An illegal `send()` raises a `LocalProtocolError` subclass *before* any state changes, so the caller may
+recover. After `ConnectionClosed` nothing can be sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import KeysView, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+from typing import Final, Literal, TypeAlias
+
+from emulator.usbip.codec import (
+    DEFAULT_LIMITS,
+    READERS,
+    Limits,
+    message_name,
+    pack,
+    peek_message_type,
+)
+from emulator.usbip.constants import ECONNRESET, ST_OK, USBIP_DIR_IN
+from emulator.usbip.errors import (
+    LocalFieldError,
+    LocalLengthMismatchError,
+    LocalPhaseError,
+    LocalSeqnumError,
+    RemoteFieldError,
+    RemoteLengthMismatchError,
+    RemotePhaseError,
+    RemoteProtocolError,
+    RemoteSeqnumError,
+    TruncatedMessageError,
+    UnlinkedUrbError,
+)
+from emulator.usbip.messages import (
+    CmdSubmit,
+    CmdUnlink,
+    Message,
+    OpRepDevlist,
+    OpRepImport,
+    OpReqDevlist,
+    OpReqImport,
+    RetSubmit,
+    RetUnlink,
+    UsbDevice,
+)
+
+logger = logging.getLogger(__name__)
+
+_SEQNUM_MAX: Final = 0xFFFFFFFF
+
+
+class Phase(Enum):
+    """Where a connection stands."""
+
+    OP = "OP"
+    """Before the one operation request (OP_REQ_DEVLIST or OP_REQ_IMPORT)."""
+    OP_REPLY = "OP_REPLY"
+    """The request was made; its reply is due."""
+    URB = "URB"
+    """The device is imported: URB traffic until the peer closes."""
+    DONE = "DONE"
+    """The operation ended without an import (devlist, failed import): close the connection."""
+    CLOSED = "CLOSED"
+    """The peer closed the stream at a message boundary (ConnectionClosed was returned)."""
+    ERROR = "ERROR"
+    """The peer broke the protocol."""
+
+
+class _Marker(Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = _Marker.NEED_DATA
+"""`next_event()` needs more bytes (call `receive_data`) or, on a server, its operation reply sent first."""
+NeedData: TypeAlias = Literal[_Marker.NEED_DATA]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed the stream cleanly, between two messages."""
+
+
+Event: TypeAlias = Message | ConnectionClosed
+
+# An outstanding CMD_SUBMIT, reduced to what answering it needs: (direction, transfer_buffer_length,
+# number_of_packets). A tuple rather than the message: the OUT payload need not stay alive.
+_Urb: TypeAlias = tuple[int, int, int]
+
+
+class _Connection:
+    """What both sides share: the receive buffer, EOF, phases, error state."""
+
+    _role: str = ""
+    _peer: str = ""
+
+    def __init__(self, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits: Final = limits
+        self._buf = bytearray()
+        self._base = 0  # stream offset of _buf[0]
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+        self._phase = Phase.OP
+        self._expect: tuple[type[Message], ...] | None = ()
+        self._request: OpReqDevlist | OpReqImport | None = None
+        self._devid: int | None = None
+        self._submits: dict[int, _Urb] = {}
+        self._unlinking: dict[int, int] = {}  # target seqnum -> seqnum of the CMD_UNLINK that cancels it
+        self._unlinks: dict[int, int] = {}  # CMD_UNLINK seqnum -> target seqnum, until its RET_UNLINK
+        self._set_phase(Phase.OP)
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        """The current phase."""
+        return self._phase
+
+    @property
+    def devid(self) -> int | None:
+        """The imported device's devid ((busnum << 16) | devnum) once the import succeeded."""
+        return self._devid
+
+    @property
+    def pending_seqnums(self) -> KeysView[int]:
+        """Seqnums of CMD_SUBMITs not answered yet (live view; includes URBs being unlinked)."""
+        return self._submits.keys()
+
+    @property
+    def unlinked_seqnums(self) -> Mapping[int, int]:
+        """Pending URBs a CMD_UNLINK targets: URB seqnum -> CMD_UNLINK seqnum (live, read-only)."""
+        return MappingProxyType(self._unlinking)
+
+    @property
+    def pending_unlinks(self) -> Mapping[int, int]:
+        """CMD_UNLINKs not answered yet: CMD_UNLINK seqnum -> target URB seqnum (live, read-only)."""
+        return MappingProxyType(self._unlinks)
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        """Bytes received but not consumed, and whether the peer closed (h11's name and meaning)."""
+        return bytes(self._buf), self._eof
+
+    def _set_phase(self, phase: Phase) -> None:
+        self._phase = phase
+        self._expect = self._expectations(phase)
+
+    def _expectations(self, phase: Phase) -> tuple[type[Message], ...] | None:
+        """Message types the peer may send in `phase`; None: pause until our own reply is sent."""
+        raise NotImplementedError
+
+    # -- receiving -----------------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes from the peer; `b""` means the peer closed its side."""
+        if self._error is not None:
+            return  # the connection is dead; next_event() keeps raising the error
+        if self._eof:
+            if data:
+                raise LocalPhaseError(f"receive_data() got {len(data)} bytes after the end of the stream")
+            return
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | NeedData:
+        """The next complete event from the peer, NEED_DATA, or ConnectionClosed once the peer has closed."""
+        if self._error is not None:
+            raise self._error
+        if self._phase is Phase.CLOSED:
+            return ConnectionClosed()
+        try:
+            event = self._next_event()
+        except RemoteProtocolError as error:
+            self._error = error
+            self._set_phase(Phase.ERROR)
+            raise
+        if event is not NEED_DATA and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s received %r", self._role, event)
+        return event
+
+    def _next_event(self) -> Event | NeedData:
+        buf = self._buf
+        if not buf:
+            if self._eof:
+                self._set_phase(Phase.CLOSED)
+                return ConnectionClosed()
+            return NEED_DATA
+        expect = self._expect
+        if expect is None:
+            return NEED_DATA  # our reply to the operation is due first
+        base = self._base
+        if not expect:
+            raise self._nothing_expected(base)
+        message_type = peek_message_type(buf, 0, base, urb_phase=self._phase is Phase.URB)
+        if message_type is None:
+            need = 4
+        elif message_type not in expect:
+            raise self._unexpected(message_type, expect, base)
+        else:
+            result = READERS[message_type](buf, 0, base, self.limits, self._direction_of)
+            if type(result) is tuple:
+                message, consumed = result
+                del buf[:consumed]
+                self._base = base + consumed
+                self._received(message, base)
+                return message
+            assert isinstance(result, int)
+            need = result
+        if self._eof:
+            what = message_name(message_type) if message_type is not None else "a message"
+            raise TruncatedMessageError(
+                f"the {self._peer} closed the connection {len(buf)} bytes into {what} that needs at least "
+                f"{need} (stream offset {base + len(buf)})", offset=base + len(buf))
+        return NEED_DATA
+
+    def _direction_of(self, seqnum: int) -> int:
+        raise NotImplementedError
+
+    def _received(self, message: Message, base: int) -> None:
+        raise NotImplementedError
+
+    def _nothing_expected(self, base: int) -> RemotePhaseError:
+        if self._phase is Phase.DONE:
+            why = "after the operation ended (usbipd serves one operation per connection)"
+        else:
+            why = "before any request was sent"
+        return RemotePhaseError(f"the {self._peer} sent {len(self._buf)} bytes {why} (stream offset {base})",
+                                offset=base)
+
+    def _unexpected(
+        self, message_type: type[Message], expect: tuple[type[Message], ...], base: int
+    ) -> RemotePhaseError:
+        wanted = " or ".join(message_name(t) for t in expect)
+        return RemotePhaseError(
+            f"{message_name(message_type)} from the {self._peer} is not allowed in phase {self._phase.value}: "
+            f"expected {wanted} (stream offset {base})", offset=base)
+
+    # -- sending -------------------------------------------------------------------------------------------
+
+    def _check_can_send(self, message: Message, phases: tuple[Phase, ...]) -> None:
+        phase = self._phase
+        if phase in phases:
+            return
+        name = message_name(type(message))
+        if phase is Phase.ERROR:
+            raise LocalPhaseError(f"cannot send {name}: the connection failed: {self._error}")
+        if phase is Phase.CLOSED:
+            raise LocalPhaseError(f"cannot send {name}: the {self._peer} closed the connection")
+        raise LocalPhaseError(f"cannot send {name} in phase {phase.value}")
+
+    def _log_sent(self, message: Message) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s sent %r", self._role, message)
+
+    def _check_outstanding(self, seqnum: int, name: str, base: int | None) -> None:
+        """A new CMD's seqnum must not be one still outstanding (a CMD_SUBMIT or CMD_UNLINK)."""
+        if seqnum in self._submits or seqnum in self._unlinks:
+            what = "USBIP_CMD_SUBMIT" if seqnum in self._submits else "USBIP_CMD_UNLINK"
+            text = f"{name} reuses seqnum {seqnum}, still outstanding for a {what}"
+            if base is None:
+                raise LocalSeqnumError(text, field="seqnum", seqnum=seqnum)
+            raise RemoteSeqnumError(f"{text} (stream offset {base + 4})", field="seqnum", offset=base + 4,
+                                    seqnum=seqnum)
+
+    def _check_devid(self, devid: int, seqnum: int, name: str, base: int | None) -> None:
+        if devid == self._devid:
+            return
+        text = f"{name} seqnum {seqnum}: devid {devid:#x} is not the imported device's {self._devid:#x}"
+        if base is None:
+            raise LocalFieldError(f"{text} (field devid)", field="devid", seqnum=seqnum)
+        # stub_rx.c valid_request() drops the connection for a foreign devid.
+        raise RemoteFieldError(f"{text} (field devid, stream offset {base + 8})", field="devid",
+                               offset=base + 8, seqnum=seqnum)
+
+
+def _check_ret_against_cmd(ret: RetSubmit, urb: _Urb, base: int | None) -> None:
+    """A RET_SUBMIT must fit its CMD_SUBMIT: buffer by direction, length, iso packet count."""
+    direction, transfer_buffer_length, number_of_packets = urb
+    seqnum = ret.seqnum
+    problem: str | None = None
+    field = ""
+    rel = 0
+    mismatch = True
+    if direction == USBIP_DIR_IN:
+        if len(ret.transfer_buffer) != ret.actual_length:
+            problem = (f"an IN URB's transfer_buffer must hold actual_length {ret.actual_length} bytes, "
+                       f"holds {len(ret.transfer_buffer)}")
+            field, rel = "transfer_buffer", 48
+    elif ret.transfer_buffer:
+        problem = f"an OUT URB's RET_SUBMIT carries no data, got {len(ret.transfer_buffer)} bytes"
+        field, rel = "transfer_buffer", 48
+    if problem is None and ret.actual_length > transfer_buffer_length:
+        problem = (f"actual_length {ret.actual_length} exceeds the CMD_SUBMIT's transfer_buffer_length "
+                   f"{transfer_buffer_length}")
+        field, rel = "actual_length", 24
+    if problem is None:
+        ret_packets = ret.number_of_packets
+        if number_of_packets > 0:
+            if not 0 <= ret_packets <= number_of_packets:
+                problem = (f"number_of_packets {ret_packets} for an iso URB of {number_of_packets} packets "
+                           f"(must be 0..{number_of_packets})")
+        elif ret_packets not in (0, -1):
+            problem = f"number_of_packets {ret_packets} for a non-iso URB (must be 0 or -1)"
+        field, rel, mismatch = "number_of_packets", 32, False
+    if problem is None:
+        return
+    text = f"USBIP_RET_SUBMIT seqnum {seqnum}: {problem} (field {field}"
+    if base is None:
+        cls_local = LocalLengthMismatchError if mismatch else LocalFieldError
+        raise cls_local(f"{text})", field=field, seqnum=seqnum)
+    cls_remote = RemoteLengthMismatchError if mismatch else RemoteFieldError
+    raise cls_remote(f"{text}, stream offset {base + rel})", field=field, offset=base + rel, seqnum=seqnum)
+
+
+class ServerConnection(_Connection):
+    """The exporting side: answers one operation, then (after a successful import) the URB traffic."""
+
+    _role = "server"
+    _peer = "client"
+
+    def _expectations(self, phase: Phase) -> tuple[type[Message], ...] | None:
+        if phase is Phase.OP:
+            return (OpReqDevlist, OpReqImport)
+        if phase is Phase.OP_REPLY:
+            return None
+        if phase is Phase.URB:
+            return (CmdSubmit, CmdUnlink)
+        return ()
+
+    def _direction_of(self, seqnum: int) -> int:  # pragma: no cover - a server never reads RET_SUBMIT
+        raise AssertionError("a server does not receive USBIP_RET_SUBMIT")
+
+    def _received(self, message: Message, base: int) -> None:
+        message_type = type(message)
+        if message_type is CmdSubmit:
+            assert isinstance(message, CmdSubmit)
+            seqnum = message.seqnum
+            self._check_devid(message.devid, seqnum, "USBIP_CMD_SUBMIT", base)
+            self._check_outstanding(seqnum, "USBIP_CMD_SUBMIT", base)
+            self._submits[seqnum] = (message.direction, message.transfer_buffer_length,
+                                     message.number_of_packets)
+        elif message_type is CmdUnlink:
+            assert isinstance(message, CmdUnlink)
+            seqnum, target = message.seqnum, message.unlink_seqnum
+            self._check_devid(message.devid, seqnum, "USBIP_CMD_UNLINK", base)
+            self._check_outstanding(seqnum, "USBIP_CMD_UNLINK", base)
+            self._unlinks[seqnum] = target
+            if target in self._submits and target not in self._unlinking:
+                self._unlinking[target] = seqnum
+        elif message_type is OpReqDevlist or message_type is OpReqImport:
+            assert isinstance(message, OpReqDevlist | OpReqImport)
+            self._request = message
+            self._set_phase(Phase.OP_REPLY)
+
+    # -- sending -------------------------------------------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """Bytes for `message`; raises a LocalProtocolError (and changes nothing) if it is illegal now."""
+        message_type = type(message)
+        if message_type is RetSubmit:
+            assert isinstance(message, RetSubmit)
+            data = self._send_ret_submit(message)
+        elif message_type is RetUnlink:
+            assert isinstance(message, RetUnlink)
+            data = self._send_ret_unlink(message)
+        elif message_type is OpRepImport or message_type is OpRepDevlist:
+            assert isinstance(message, OpRepImport | OpRepDevlist)
+            data = self._send_op_reply(message)
+        elif message_type in (CmdSubmit, CmdUnlink, OpReqDevlist, OpReqImport):
+            raise LocalPhaseError(f"a server does not send {message_name(message_type)}")
+        else:
+            raise TypeError(f"{message_type.__name__} is not a USB/IP message")
+        self._log_sent(message)
+        return data
+
+    def _send_op_reply(self, message: OpRepImport | OpRepDevlist) -> bytes:
+        self._check_can_send(message, (Phase.OP_REPLY,))
+        request = self._request
+        assert request is not None
+        wanted = OpRepDevlist if isinstance(request, OpReqDevlist) else OpRepImport
+        if type(message) is not wanted:
+            raise LocalPhaseError(f"{message_name(type(message))} does not answer "
+                                  f"{message_name(type(request))}: send {message_name(wanted)}")
+        data = pack(message)
+        if isinstance(message, OpRepImport) and message.status == ST_OK:
+            assert message.udev is not None
+            self._devid = message.udev.devid
+            self._set_phase(Phase.URB)
+        else:
+            self._set_phase(Phase.DONE)
+        return data
+
+    def _send_ret_submit(self, ret: RetSubmit) -> bytes:
+        self._check_can_send(ret, (Phase.URB,))
+        seqnum = ret.seqnum
+        urb = self._submits.get(seqnum)
+        if urb is None:
+            raise LocalSeqnumError(f"USBIP_RET_SUBMIT seqnum {seqnum}: no USBIP_CMD_SUBMIT with this seqnum is "
+                                   "pending", field="seqnum", seqnum=seqnum)
+        unlink_seqnum = self._unlinking.get(seqnum)
+        if unlink_seqnum is not None:
+            raise UnlinkedUrbError(
+                f"USBIP_RET_SUBMIT seqnum {seqnum}: the URB was unlinked by USBIP_CMD_UNLINK seqnum "
+                f"{unlink_seqnum}; answer that with USBIP_RET_UNLINK (status -ECONNRESET, or the URB's status) "
+                "and send no RET_SUBMIT, or use complete()", field="seqnum", seqnum=seqnum)
+        _check_ret_against_cmd(ret, urb, None)
+        data = pack(ret)
+        del self._submits[seqnum]
+        return data
+
+    def _send_ret_unlink(self, ret: RetUnlink) -> bytes:
+        self._check_can_send(ret, (Phase.URB,))
+        seqnum = ret.seqnum
+        target = self._unlinks.get(seqnum)
+        if target is None:
+            raise LocalSeqnumError(f"USBIP_RET_UNLINK seqnum {seqnum}: no USBIP_CMD_UNLINK with this seqnum is "
+                                   "pending", field="seqnum", seqnum=seqnum)
+        cancels = self._unlinking.get(target) == seqnum
+        if not cancels and ret.status != 0:
+            raise LocalFieldError(
+                f"USBIP_RET_UNLINK seqnum {seqnum}: URB {target} was not pending when the unlink arrived, so "
+                f"status must be 0 (stub_rx.c), not {ret.status} (field status)", field="status",
+                seqnum=seqnum)
+        data = pack(ret)
+        del self._unlinks[seqnum]
+        if cancels:
+            del self._unlinking[target]
+            del self._submits[target]
+        return data
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def ret_unlink_for(self, unlink_seqnum: int) -> RetUnlink:
+        """The RET_UNLINK due for CMD_UNLINK `unlink_seqnum`: -ECONNRESET if it cancels a pending URB, else 0."""
+        target = self._unlinks.get(unlink_seqnum)
+        if target is None:
+            raise LocalSeqnumError(f"no USBIP_CMD_UNLINK with seqnum {unlink_seqnum} is pending",
+                                   field="seqnum", seqnum=unlink_seqnum)
+        cancels = self._unlinking.get(target) == unlink_seqnum
+        return RetUnlink(seqnum=unlink_seqnum, status=-ECONNRESET if cancels else 0)
+
+    def complete(self, ret: RetSubmit) -> bytes:
+        """Finish URB `ret.seqnum` as stub_complete() does: its RET_SUBMIT, or, if the client unlinked it
+        meanwhile, the due RET_UNLINK carrying `ret.status` (and no RET_SUBMIT)."""
+        unlink_seqnum = self._unlinking.get(ret.seqnum)
+        if unlink_seqnum is None:
+            return self.send(ret)
+        return self.send(RetUnlink(seqnum=unlink_seqnum, status=ret.status))
+
+
+class ClientConnection(_Connection):
+    """The importing side: asks for the device list or one import, then submits and unlinks URBs."""
+
+    _role = "client"
+    _peer = "server"
+
+    def __init__(self, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        super().__init__(limits=limits)
+        self._imported: UsbDevice | None = None
+        self._last_seqnum = 0
+
+    def _expectations(self, phase: Phase) -> tuple[type[Message], ...] | None:
+        if phase is Phase.OP_REPLY:
+            return (OpRepDevlist,) if isinstance(self._request, OpReqDevlist) else (OpRepImport,)
+        if phase is Phase.URB:
+            return (RetSubmit, RetUnlink)
+        return ()
+
+    @property
+    def imported_device(self) -> UsbDevice | None:
+        """The device OP_REP_IMPORT described, once imported."""
+        return self._imported
+
+    def next_seqnum(self) -> int:
+        """A fresh seqnum (1, 2, ... wrapping past 0xffffffff, skipping 0 and outstanding ones), as vhci counts."""
+        seqnum = self._last_seqnum
+        while True:
+            seqnum = seqnum % _SEQNUM_MAX + 1
+            if seqnum not in self._submits and seqnum not in self._unlinks:
+                self._last_seqnum = seqnum
+                return seqnum
+
+    def _direction_of(self, seqnum: int) -> int:
+        urb = self._submits.get(seqnum)
+        if urb is None:
+            base = self._base
+            raise RemoteSeqnumError(
+                f"USBIP_RET_SUBMIT seqnum {seqnum}: no USBIP_CMD_SUBMIT with this seqnum is pending (stream "
+                f"offset {base + 4})", field="seqnum", offset=base + 4, seqnum=seqnum)
+        return urb[0]
+
+    def _received(self, message: Message, base: int) -> None:
+        message_type = type(message)
+        if message_type is RetSubmit:
+            assert isinstance(message, RetSubmit)
+            seqnum = message.seqnum
+            _check_ret_against_cmd(message, self._submits[seqnum], base)
+            del self._submits[seqnum]
+            # A RET_SUBMIT overtaking the RET_UNLINK of its URB: the unlink stays pending, cancels nothing.
+            self._unlinking.pop(seqnum, None)
+        elif message_type is RetUnlink:
+            assert isinstance(message, RetUnlink)
+            seqnum = message.seqnum
+            target = self._unlinks.pop(seqnum, None)
+            if target is None:
+                raise RemoteSeqnumError(
+                    f"USBIP_RET_UNLINK seqnum {seqnum}: no USBIP_CMD_UNLINK with this seqnum is pending "
+                    f"(stream offset {base + 4})", field="seqnum", offset=base + 4, seqnum=seqnum)
+            if self._unlinking.get(target) == seqnum:
+                del self._unlinking[target]
+                del self._submits[target]
+        elif message_type is OpRepImport:
+            assert isinstance(message, OpRepImport) and isinstance(self._request, OpReqImport)
+            if message.status != ST_OK:
+                self._set_phase(Phase.DONE)
+                return
+            assert message.udev is not None
+            if message.udev.busid != self._request.busid:
+                # usbip_attach.c query_import_device(): "recv different busid".
+                raise RemoteFieldError(
+                    f"OP_REP_IMPORT describes busid {message.udev.busid!r}, but {self._request.busid!r} was "
+                    f"requested (field udev.busid, stream offset {base + 8 + 256})", field="busid",
+                    offset=base + 8 + 256)
+            self._imported = message.udev
+            self._devid = message.udev.devid
+            self._set_phase(Phase.URB)
+        elif message_type is OpRepDevlist:
+            self._set_phase(Phase.DONE)
+
+    # -- sending -------------------------------------------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """Bytes for `message`; raises a LocalProtocolError (and changes nothing) if it is illegal now."""
+        message_type = type(message)
+        if message_type is CmdSubmit:
+            assert isinstance(message, CmdSubmit)
+            data = self._send_cmd_submit(message)
+        elif message_type is CmdUnlink:
+            assert isinstance(message, CmdUnlink)
+            data = self._send_cmd_unlink(message)
+        elif message_type is OpReqImport or message_type is OpReqDevlist:
+            assert isinstance(message, OpReqImport | OpReqDevlist)
+            self._check_can_send(message, (Phase.OP,))
+            data = pack(message)
+            self._request = message
+            self._set_phase(Phase.OP_REPLY)
+        elif message_type in (RetSubmit, RetUnlink, OpRepDevlist, OpRepImport):
+            raise LocalPhaseError(f"a client does not send {message_name(message_type)}")
+        else:
+            raise TypeError(f"{message_type.__name__} is not a USB/IP message")
+        self._log_sent(message)
+        return data
+
+    def _send_cmd_submit(self, cmd: CmdSubmit) -> bytes:
+        self._check_can_send(cmd, (Phase.URB,))
+        seqnum = cmd.seqnum
+        self._check_devid(cmd.devid, seqnum, "USBIP_CMD_SUBMIT", None)
+        self._check_outstanding(seqnum, "USBIP_CMD_SUBMIT", None)
+        data = pack(cmd)
+        self._submits[seqnum] = (cmd.direction, cmd.transfer_buffer_length, cmd.number_of_packets)
+        return data
+
+    def _send_cmd_unlink(self, cmd: CmdUnlink) -> bytes:
+        self._check_can_send(cmd, (Phase.URB,))
+        seqnum, target = cmd.seqnum, cmd.unlink_seqnum
+        self._check_devid(cmd.devid, seqnum, "USBIP_CMD_UNLINK", None)
+        self._check_outstanding(seqnum, "USBIP_CMD_UNLINK", None)
+        if target not in self._submits:
+            raise LocalSeqnumError(f"USBIP_CMD_UNLINK seqnum {seqnum}: no USBIP_CMD_SUBMIT with seqnum {target} "
+                                   "is pending (field unlink_seqnum)", field="unlink_seqnum", seqnum=seqnum)
+        if target in self._unlinking:
+            raise LocalSeqnumError(f"USBIP_CMD_UNLINK seqnum {seqnum}: URB {target} is already being unlinked "
+                                   f"by seqnum {self._unlinking[target]} (field unlink_seqnum)",
+                                   field="unlink_seqnum", seqnum=seqnum)
+        data = pack(cmd)
+        self._unlinks[seqnum] = target
+        self._unlinking[target] = seqnum
+        return data
+
+
+__all__ = [
+    "NEED_DATA",
+    "ClientConnection",
+    "ConnectionClosed",
+    "Event",
+    "NeedData",
+    "Phase",
+    "ServerConnection",
+]
