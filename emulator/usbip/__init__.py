@@ -7,6 +7,14 @@ seqnums, unlink), `errors` (`ProtocolError` and its remote/local kinds).
 """
 
 from emulator.usbip.codec import DEFAULT_LIMITS, Limits, message_name, pack, unpack
+from emulator.usbip.connection import (
+    NEED_DATA,
+    ClientConnection,
+    ConnectionClosed,
+    Event,
+    Phase,
+    ServerConnection,
+)
 from emulator.usbip.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from emulator.usbip.messages import (
     CmdSubmit,
@@ -27,8 +35,12 @@ from emulator.usbip.messages import (
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "NEED_DATA",
+    "ClientConnection",
     "CmdSubmit",
     "CmdUnlink",
+    "ConnectionClosed",
+    "Event",
     "HeaderBasic",
     "IsoPacketDescriptor",
     "Limits",
@@ -39,10 +51,12 @@ __all__ = [
     "OpRepImport",
     "OpReqDevlist",
     "OpReqImport",
+    "Phase",
     "ProtocolError",
     "RemoteProtocolError",
     "RetSubmit",
     "RetUnlink",
+    "ServerConnection",
     "UsbDevice",
     "UsbInterface",
     "message_name",
