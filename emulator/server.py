@@ -1,0 +1,427 @@
+"""The USB/IP server: exports vusb `Device`s over TCP the way `usbipd` + `usbip-host` do.
+
+Two layers. `UrbDispatcher` is pure: it runs CMD_SUBMITs against one `Device` and returns RET_SUBMITs,
+keeping NAK'd transfers queued per endpoint (an interrupt IN waiting for a key press) until the device's
+wake-up says they may complete; it cancels queued ones on unlink. `UsbipServer` is the asyncio edge: one
+`ServerConnection` (emulator.usbip) per TCP connection, one importer per device at a time (a second one gets
+ST_DEV_BUSY, an unknown busid ST_NODEV, as usbipd answers), many connections at once, many URBs in flight.
+
+What the kernel's stub does besides forwarding, vusb does in the dispatcher: a port reset sent as a
+SET_FEATURE(PORT_RESET) to recipient "other" (stub_rx.c `is_reset_device_cmd`) resets the device model;
+everything else on ep0 — including SET_CONFIGURATION, SET_INTERFACE and CLEAR_FEATURE(ENDPOINT_HALT),
+which the stub turns into usb_set_configuration()/usb_set_interface()/usb_clear_halt() — goes to the
+device model, whose chapter-9 code does the same.
+
+A peer that sends garbage gets its connection closed with the reason logged; a peer that vanishes is
+noticed at the next read or write. Neither affects other connections or the devices' backing stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from emulator.devices.base import Device, Reply, TransferStatus
+from emulator.errors import VusbError
+from emulator.usb.setup import SetupPacket
+from emulator.usbip import (
+    NEED_DATA,
+    ConnectionClosed,
+    ServerConnection,
+)
+from emulator.usbip.codec import DEFAULT_LIMITS, Limits
+from emulator.usbip.constants import (
+    ST_DEV_BUSY,
+    ST_NODEV,
+    ST_OK,
+    URB_SHORT_NOT_OK,
+    USBIP_DIR_IN,
+)
+from emulator.usbip.errors import ProtocolError
+from emulator.usbip.messages import (
+    CmdSubmit,
+    CmdUnlink,
+    OpDevlistReplyExtra,
+    OpRepDevlist,
+    OpRepImport,
+    OpReqDevlist,
+    OpReqImport,
+    RetSubmit,
+    UsbDevice,
+    UsbInterface,
+)
+
+log = logging.getLogger(__name__)
+
+USBIP_PORT = 3240
+_READ_SIZE = 1 << 18
+_HIGH_WATER = 4 << 20
+
+# USB 2.0 11.24.2: hub class request SET_FEATURE(PORT_RESET) — bmRequestType 0x23 (class, other)
+_PORT_RESET_REQUEST = (0x23, 0x03, 4)
+
+#: A tap sees every byte of every connection: (connection id, True if client→server, bytes).
+Tap = Callable[[int, bool, bytes], None]
+
+
+class ServerError(VusbError):
+    """The server could not start (port in use, bad address) or was misconfigured."""
+
+
+@dataclass
+class Export:
+    """One exported device: its busid (`1-1`), where it sits (busnum/devnum), and who imported it."""
+
+    busid: str
+    device: Device
+    busnum: int
+    devnum: int
+    importer: str | None = field(default=None, compare=False)
+
+    @property
+    def path(self) -> str:
+        return f"/sys/devices/platform/vusb/usb{self.busnum}/{self.busid}"
+
+    def usb_device(self) -> UsbDevice:
+        s = self.device.summary()
+        return UsbDevice(
+            path=self.path,
+            busid=self.busid,
+            busnum=self.busnum,
+            devnum=self.devnum,
+            speed=int(s.speed),
+            idVendor=s.id_vendor,
+            idProduct=s.id_product,
+            bcdDevice=s.bcd_device,
+            bDeviceClass=s.device_class,
+            bDeviceSubClass=s.device_subclass,
+            bDeviceProtocol=s.device_protocol,
+            bConfigurationValue=s.configuration_value,
+            bNumConfigurations=s.num_configurations,
+            bNumInterfaces=s.num_interfaces,
+        )
+
+    def interfaces(self) -> tuple[UsbInterface, ...]:
+        return tuple(
+            UsbInterface(
+                bInterfaceClass=i.interface_class,
+                bInterfaceSubClass=i.interface_subclass,
+                bInterfaceProtocol=i.interface_protocol,
+            )
+            for i in self.device.summary().interfaces
+        )
+
+
+def make_exports(devices: Sequence[Device] | Mapping[str, Device], busnum: int = 1) -> dict[str, Export]:
+    """Bus ids `1-1`, `1-2`, ... in order (or the mapping's own keys), device numbers 2, 3, ..."""
+    items = (
+        devices.items()
+        if isinstance(devices, Mapping)
+        else ((f"{busnum}-{i + 1}", d) for i, d in enumerate(devices))
+    )
+    exports: dict[str, Export] = {}
+    for devnum, (busid, device) in enumerate(items, start=2):
+        if busid in exports:
+            raise ServerError(f"busid {busid} is exported twice")
+        bus = int(busid.split("-", 1)[0]) if busid.split("-", 1)[0].isdigit() else busnum
+        exports[busid] = Export(busid=busid, device=device, busnum=bus, devnum=devnum)
+    return exports
+
+
+def _ret_for(cmd: CmdSubmit, reply: Reply) -> RetSubmit:
+    """The RET_SUBMIT that reports `reply` for `cmd`, with the kernel's length/short-packet rules."""
+    status = int(reply.status)
+    if cmd.direction == USBIP_DIR_IN:
+        data = reply.data
+        if len(data) > cmd.transfer_buffer_length:
+            data = data[: cmd.transfer_buffer_length]
+            if status == 0:
+                status = int(TransferStatus.OVERFLOW)
+        elif status == 0 and cmd.transfer_flags & URB_SHORT_NOT_OK and len(data) < cmd.transfer_buffer_length:
+            status = int(TransferStatus.SHORT)
+        return RetSubmit(seqnum=cmd.seqnum, status=status, actual_length=len(data), transfer_buffer=data)
+    actual = min(reply.length, cmd.transfer_buffer_length)
+    return RetSubmit(seqnum=cmd.seqnum, status=status, actual_length=actual)
+
+
+class UrbDispatcher:
+    """Runs URBs against one device model; pure and synchronous.
+
+    `submit` answers at once, or queues the URB when its endpoint NAKs (or already has URBs queued: order
+    per endpoint is kept). `retry` completes what the device can now answer; `unlink` drops a queued URB.
+    """
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self._queues: dict[int, deque[CmdSubmit]] = {}
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def submit(self, cmd: CmdSubmit) -> RetSubmit | None:
+        if cmd.number_of_packets > 0:  # isochronous: none of vusb's models has an iso endpoint
+            return RetSubmit(seqnum=cmd.seqnum, status=int(TransferStatus.STALL), number_of_packets=0)
+        if cmd.ep == 0:
+            return self._control(cmd)
+        address = cmd.ep | (0x80 if cmd.direction == USBIP_DIR_IN else 0)
+        queue = self._queues.get(address)
+        if queue:
+            queue.append(cmd)
+            return None
+        reply = self._transfer(address, cmd)
+        if reply is None:
+            self._queues.setdefault(address, deque()).append(cmd)
+            return None
+        return _ret_for(cmd, reply)
+
+    def _transfer(self, address: int, cmd: CmdSubmit) -> Reply | None:
+        if cmd.direction == USBIP_DIR_IN:
+            return self.device.transfer(address, None, cmd.transfer_buffer_length)
+        return self.device.transfer(address, cmd.transfer_buffer, cmd.transfer_buffer_length)
+
+    def _control(self, cmd: CmdSubmit) -> RetSubmit:
+        try:
+            setup = SetupPacket.from_bytes(cmd.setup)
+        except VusbError as exc:
+            log.info("seqnum %d: malformed setup packet %s: %s", cmd.seqnum, cmd.setup.hex(), exc)
+            return RetSubmit(seqnum=cmd.seqnum, status=int(TransferStatus.STALL))
+        if (setup.request_type, setup.request, setup.value) == _PORT_RESET_REQUEST:
+            log.info("port reset requested by the client")
+            self.cancel_all()
+            self.device.reset()
+            return RetSubmit(seqnum=cmd.seqnum)
+        data = b"" if cmd.direction == USBIP_DIR_IN else cmd.transfer_buffer
+        return _ret_for(cmd, self.device.control(setup, data))
+
+    def retry(self) -> list[RetSubmit]:
+        done: list[RetSubmit] = []
+        for address, queue in self._queues.items():
+            while queue:
+                reply = self._transfer(address, queue[0])
+                if reply is None:
+                    break
+                done.append(_ret_for(queue.popleft(), reply))
+        return done
+
+    def unlink(self, seqnum: int) -> bool:
+        """Drop queued URB `seqnum`; False if it is not queued (already answered, or never seen)."""
+        for queue in self._queues.values():
+            for cmd in queue:
+                if cmd.seqnum == seqnum:
+                    queue.remove(cmd)
+                    return True
+        return False
+
+    def cancel_all(self) -> None:
+        self._queues.clear()
+
+
+class _Session:
+    """One TCP connection: the sans-I/O connection, and after an import, the dispatcher."""
+
+    def __init__(
+        self, server: UsbipServer, cid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ):
+        self.server = server
+        self.cid = cid
+        self.reader = reader
+        self.writer = writer
+        self.conn = ServerConnection(limits=server.limits)
+        self.export: Export | None = None
+        self.dispatcher: UrbDispatcher | None = None
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def _send(self, out: list[bytes]) -> None:
+        if not out:
+            return
+        data = b"".join(out)
+        if self.server.tap is not None:
+            self.server.tap(self.cid, False, data)
+        self.writer.write(data)
+
+    def on_wakeup(self) -> None:
+        """Called on the loop (via call_soon_threadsafe) when the device may complete queued URBs."""
+        if self.dispatcher is None or self.writer.is_closing():
+            return
+        self._send([self.conn.complete(ret) for ret in self.dispatcher.retry()])
+
+    def _handle(self, event: object, out: list[bytes]) -> None:
+        if isinstance(event, CmdSubmit):
+            assert self.dispatcher is not None
+            ret = self.dispatcher.submit(event)
+            if ret is not None:
+                out.append(self.conn.complete(ret))
+        elif isinstance(event, CmdUnlink):
+            assert self.dispatcher is not None
+            self.dispatcher.unlink(event.unlink_seqnum)
+            out.append(self.conn.send(self.conn.ret_unlink_for(event.seqnum)))
+        elif isinstance(event, OpReqDevlist):
+            devices = tuple(
+                OpDevlistReplyExtra(udev=e.usb_device(), uinf=e.interfaces())
+                for e in self.server.exports.values()
+            )
+            log.info("%s: device list (%d devices)", self.peer, len(devices))
+            out.append(self.conn.send(OpRepDevlist(status=ST_OK, devices=devices)))
+        elif isinstance(event, OpReqImport):
+            out.append(self.conn.send(self._import(event.busid)))
+
+    def _import(self, busid: str) -> OpRepImport:
+        export = self.server.exports.get(busid)
+        if export is None:
+            log.info("%s: import of unknown busid %r refused (ST_NODEV)", self.peer, busid)
+            return OpRepImport(status=ST_NODEV)
+        if export.importer is not None:
+            log.info(
+                "%s: import of %s refused: in use by %s (ST_DEV_BUSY)", self.peer, busid, export.importer
+            )
+            return OpRepImport(status=ST_DEV_BUSY)
+        export.importer = self.peer
+        self.export = export
+        export.device.reset()
+        self.dispatcher = UrbDispatcher(export.device)
+        loop = asyncio.get_running_loop()
+        export.device.set_wakeup(lambda: loop.call_soon_threadsafe(self.on_wakeup))
+        log.info("%s: imported %s (%r)", self.peer, busid, export.device)
+        return OpRepImport(status=ST_OK, udev=export.usb_device())
+
+    async def run(self) -> None:
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = self.conn
+        reason = "closed by peer"
+        try:
+            while True:
+                data = await self.reader.read(_READ_SIZE)
+                if data and self.server.tap is not None:
+                    self.server.tap(self.cid, True, data)
+                conn.receive_data(data)
+                out: list[bytes] = []
+                closed = False
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if isinstance(event, ConnectionClosed):
+                        closed = True
+                        break
+                    self._handle(event, out)
+                self._send(out)
+                if closed or conn.phase.name == "DONE":
+                    reason = "done" if not closed else "closed by peer"
+                    break
+                if self.writer.transport.get_write_buffer_size() > _HIGH_WATER:
+                    await self.writer.drain()
+            await self.writer.drain()
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("%s: closing connection: %s", self.peer, exc)
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection lost: {exc}"
+            log.info("%s: connection lost: %s", self.peer, exc)
+        finally:
+            self.release(reason)
+
+    def release(self, reason: str) -> None:
+        if self.export is not None:
+            log.info("%s: released %s (%s)", self.peer, self.export.busid, reason)
+            self.export.device.set_wakeup(None)
+            if self.dispatcher is not None:
+                self.dispatcher.cancel_all()
+            self.export.device.reset()
+            self.export.importer = None
+            self.export = None
+        if not self.writer.is_closing():
+            self.writer.close()
+
+
+class UsbipServer:
+    """An asyncio USB/IP server exporting device models.
+
+        async with UsbipServer([mass_storage_device(...)]) as server:
+            print(server.port)
+            await server.serve_forever()
+
+    Default bind is 127.0.0.1:3240; `port=0` picks a free port (see `.port`).
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[Device] | Mapping[str, Device],
+        *,
+        host: str = "127.0.0.1",
+        port: int = USBIP_PORT,
+        limits: Limits = DEFAULT_LIMITS,
+        tap: Tap | None = None,
+    ) -> None:
+        self.exports = make_exports(devices)
+        self.host = host
+        self.port = port
+        self.limits = limits
+        self.tap = tap
+        self._server: asyncio.Server | None = None
+        self._sessions: set[_Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_cid = 0
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
+        except OSError as exc:
+            raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("listening on %s:%d, exporting %s", self.host, self.port, ", ".join(self.exports))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._next_cid += 1
+        session = _Session(self, self._next_cid, reader, writer)
+        self._sessions.add(session)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    async def close(self) -> None:
+        """Stop accepting, end every session (queued URBs are dropped), then flush and sync the devices."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._sessions):
+            session.release("server shutting down")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+        for export in self.exports.values():
+            export.device.close()
+
+    async def __aenter__(self) -> UsbipServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
