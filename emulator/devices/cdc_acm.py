@@ -271,7 +271,7 @@ class CdcAcmFunction(Function):
         self.break_duration = None
 
 
-PID_CODES_VENDOR = 0x1209  # pid.codes, test PIDs 0x0001..0x0010
+PID_CODES_VENDOR = 0x1209  # pid.codes; PIDs 0x0001.. are its test PIDs, fine for emulation
 CDC_ACM_PRODUCT_ID = 0x0003
 
 

@@ -492,7 +492,7 @@ class Mouse(HidFunction):
 
 # --- ready-made devices ----------------------------------------------------------------------------------
 
-PID_CODES_VENDOR = 0x1209  # pid.codes, test PIDs 0x0001..0x0010
+PID_CODES_VENDOR = 0x1209  # pid.codes; PIDs 0x0001.. are its test PIDs, fine for emulation
 KEYBOARD_PRODUCT_ID = 0x0001
 MOUSE_PRODUCT_ID = 0x0002
 
