@@ -47,6 +47,16 @@ def cli(verbose: int) -> None:
     )
 
 
+def _register_commands() -> None:
+    """Sub-commands live next to what they drive; each module exports one click command or group."""
+    from emulator.cli_serve import serve_command
+
+    cli.add_command(serve_command)
+
+
+_register_commands()
+
+
 def main() -> None:
     cli(prog_name="vusb")
 

@@ -1,0 +1,159 @@
+"""`vusb serve`: export emulated devices over USB/IP until Ctrl-C.
+
+Each `--disk` is one thumb drive (busid 1-1, 1-2, ... in the order given), then the HID and serial devices.
+Ctrl-C (or SIGTERM) stops accepting, ends the sessions, and flushes + fsyncs every image before exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from emulator.devices.base import Device
+from emulator.devices.storage import ImageStore, OverlayStore, Store, create_sparse_image, parse_size
+from emulator.errors import VusbError
+from emulator.server import USBIP_PORT, UsbipServer
+
+console = Console(stderr=True)
+
+
+def open_store(path: Path, *, read_only: bool, overlay: bool, size: str | None) -> Store:
+    """The backing store for one `--disk`: create a sparse image when `--size` is given and it is missing."""
+    if size is not None and not path.exists():
+        create_sparse_image(path, parse_size(size))
+    if overlay:
+        return OverlayStore(path)
+    return ImageStore(path, read_only=read_only)
+
+
+def build_devices(
+    disks: tuple[Path, ...],
+    *,
+    read_only: bool,
+    overlay: bool,
+    size: str | None,
+    vendor: str,
+    product: str,
+    hid_keyboard: bool,
+    hid_mouse: bool,
+    serial: bool,
+) -> list[tuple[Device, str]]:
+    """The devices to export, each with a one-line description for the summary."""
+    from emulator.devices.mass_storage import mass_storage_device
+
+    devices: list[tuple[Device, str]] = []
+    for path in disks:
+        store = open_store(path, read_only=read_only, overlay=overlay, size=size)
+        mode = "copy-on-write overlay" if overlay else "read-only" if read_only else "read-write"
+        dev = mass_storage_device([store], vendor=vendor, product=product, read_only=read_only)
+        devices.append(
+            (dev, f"mass storage: {path} ({store.block_count * store.block_size / 2**20:.1f} MiB, {mode})")
+        )
+    if hid_keyboard:
+        from emulator.devices.hid import hid_keyboard_device
+
+        devices.append((hid_keyboard_device(), "HID boot keyboard"))
+    if hid_mouse:
+        from emulator.devices.hid import hid_mouse_device
+
+        devices.append((hid_mouse_device(), "HID boot mouse"))
+    if serial:
+        from emulator.devices.cdc_acm import cdc_acm_device
+
+        devices.append((cdc_acm_device(), "CDC-ACM serial (loopback)"))
+    return devices
+
+
+async def serve(server: UsbipServer) -> None:
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    console.print(f"[green]listening on {server.host}:{server.port}[/] — Ctrl-C to stop")
+    try:
+        await stop.wait()
+    finally:
+        console.print("stopping: closing sessions, syncing images")
+        await server.close()
+
+
+@click.command("serve")
+@click.option(
+    "--listen", "host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all)."
+)
+@click.option("--port", default=USBIP_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Image file to export as a thumb drive (repeatable).",
+)
+@click.option("--read-only", is_flag=True, help="Export the disks write-protected.")
+@click.option(
+    "--overlay", is_flag=True, help="Copy-on-write: writes go to memory, the image is never modified."
+)
+@click.option(
+    "--size", default=None, help="Create missing --disk images as sparse files of this size (e.g. 64M)."
+)
+@click.option("--vendor", default="vusb", show_default=True, help="SCSI INQUIRY vendor of the disks.")
+@click.option(
+    "--product", default="Virtual Disk", show_default=True, help="SCSI INQUIRY product of the disks."
+)
+@click.option("--hid-keyboard", is_flag=True, help="Export a HID boot keyboard.")
+@click.option("--hid-mouse", is_flag=True, help="Export a HID boot mouse.")
+@click.option("--serial", is_flag=True, help="Export a CDC-ACM serial port (loopback).")
+def serve_command(
+    host: str,
+    port: int,
+    disks: tuple[Path, ...],
+    read_only: bool,
+    overlay: bool,
+    size: str | None,
+    vendor: str,
+    product: str,
+    hid_keyboard: bool,
+    hid_mouse: bool,
+    serial: bool,
+) -> None:
+    """Export emulated USB devices over USB/IP (Linux `usbip attach -r HOST -b 1-1` imports them)."""
+    if read_only and overlay:
+        raise click.UsageError("--read-only and --overlay exclude each other")
+    devices = build_devices(
+        disks,
+        read_only=read_only,
+        overlay=overlay,
+        size=size,
+        vendor=vendor,
+        product=product,
+        hid_keyboard=hid_keyboard,
+        hid_mouse=hid_mouse,
+        serial=serial,
+    )
+    if not devices:
+        raise click.UsageError("nothing to export: give --disk PATH, --hid-keyboard, --hid-mouse or --serial")
+    server = UsbipServer([d for d, _ in devices], host=host, port=port)
+    table = Table(title="vusb exports", show_lines=False)
+    table.add_column("busid")
+    table.add_column("id")
+    table.add_column("device")
+    for (busid, export), (_, text) in zip(server.exports.items(), devices, strict=True):
+        d = export.device.device_descriptor
+        table.add_row(busid, f"{d.id_vendor:04x}:{d.id_product:04x}", text)
+    console.print(table)
+    try:
+        asyncio.run(serve(server))
+    except VusbError:
+        raise
+    finally:
+        for dev, _ in devices:
+            with contextlib.suppress(Exception):
+                dev.close()
