@@ -3,14 +3,16 @@ Reset Recovery, NAKs, chunked data phases, and a host driver that behaves like L
 
 from __future__ import annotations
 
+import hashlib
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_devices_scsi import BS, TUR, MemoryStore, inquiry, request_sense, rw10
 
-from emulator.devices.base import Reply, TransferStatus
+from emulator.devices.base import STALL, Device, Reply, TransferStatus
 from emulator.devices.mass_storage import (
     US_BULK_CB_SIGN,
     US_BULK_CS_SIGN,
@@ -23,8 +25,12 @@ from emulator.devices.mass_storage import (
     BulkOnlyTransport,
     MassStorageError,
     Phase,
+    mass_storage_device,
 )
 from emulator.devices.scsi import Opcode, ScsiTarget
+from emulator.devices.storage import ImageStore, OverlayStore, StorageError
+from emulator.usb import setup as ch9
+from emulator.usb.setup import Recipient, SetupPacket, Speed, TransferType
 
 OK, STALLED = TransferStatus.OK, TransferStatus.STALL
 IN, OUT = US_BULK_FLAG_IN, 0x00
@@ -205,7 +211,7 @@ def test_case_9_ho_gt_dn_stalls_bulk_out(bot: BulkOnlyTransport) -> None:
     assert stalled_then_csw(bot, bulk_in=False) == BulkCsWrap(0x1234, 512, US_BULK_STAT_OK)
 
 
-def test_case_9_write_protected_write_refuses_the_data(tmp_path: object) -> None:
+def test_case_9_write_protected_write_refuses_the_data() -> None:
     ro = MemoryStore(read_only=True)
     before = bytes(ro.data)
     bot = BulkOnlyTransport(ScsiTarget([ro]))
@@ -563,3 +569,198 @@ def test_any_command_sequence_ends_in_a_csw_with_its_tag(
         host.command(cdb, length, flags, b"\x5a" * length, urb=urb)
         assert bot.phase is Phase.COMMAND and not bot.wedged
     assert host.command(TUR, 0, OUT)[0].status == US_BULK_STAT_OK
+
+
+# --- MassStorageFunction in a Device -----------------------------------------------------------------------
+
+BULK_IN, BULK_OUT = 0x81, 0x01
+GET_MAX_LUN = SetupPacket(0xA1, 0xFE, 0, 0, 1)
+BULK_RESET = SetupPacket(0x21, 0xFF, 0, 0, 0)
+
+
+def configured(device: Device) -> Device:
+    assert device.control(ch9.set_configuration(1)).status == OK
+    return device
+
+
+def endpoint_halted(device: Device, address: int) -> bool:
+    return device.control(ch9.get_status(Recipient.ENDPOINT, address)).data == b"\x01\x00"
+
+
+def device_command(
+    device: Device, cdb: bytes, length: int, flags: int, data_out: bytes = b"", lun: int = 0
+) -> tuple[BulkCsWrap, bytes]:
+    """One command through Device.transfer the way Linux does it, clearing halts with CLEAR_FEATURE."""
+    assert device.transfer(BULK_OUT, cbw(cdb, length, flags, tag=0x77, lun=lun), 31) == Reply(
+        actual_length=31
+    )
+    data = b""
+    if length and flags & IN:
+        reply = device.transfer(BULK_IN, None, length)
+        assert reply is not None
+        if reply.status == STALLED:
+            assert device.control(ch9.clear_halt(BULK_IN)).status == OK
+        data = reply.data
+    elif length:
+        reply = device.transfer(BULK_OUT, data_out, length)
+        assert reply is not None
+        if reply.status == STALLED:
+            assert device.control(ch9.clear_halt(BULK_OUT)).status == OK
+    reply = device.transfer(BULK_IN, None, 13)
+    assert reply is not None
+    if reply.status == STALLED:
+        assert device.control(ch9.clear_halt(BULK_IN)).status == OK
+        reply = device.transfer(BULK_IN, None, 13)
+        assert reply is not None
+    return BulkCsWrap.unpack(reply.data), data
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(i % 249 for i in range(256 * BS)))
+    return path
+
+
+def test_device_declares_a_bot_scsi_interface_with_two_bulk_endpoints(image: Path) -> None:
+    device = mass_storage_device(image, vendor="ACME", product="Stick", serial="0123456789AB")
+    descriptor = device.device_descriptor
+    assert (descriptor.id_vendor, descriptor.id_product) == (0x1209, 0x0004)
+    assert device.speed is Speed.HIGH
+    (interface,) = device.configuration.interfaces
+    alt = interface.alternates[0]
+    triple = (
+        alt.descriptor.interface_class,
+        alt.descriptor.interface_subclass,
+        alt.descriptor.interface_protocol,
+    )
+    assert triple == (0x08, 0x06, 0x50)
+    endpoints = {ep.address: ep.descriptor for ep in alt.endpoints}
+    assert set(endpoints) == {BULK_IN, BULK_OUT}
+    assert all(ep.attributes == TransferType.BULK and ep.max_packet_size == 512 for ep in endpoints.values())
+    assert set(device.strings.values()) >= {"ACME", "Stick", "0123456789AB"}
+    device.close()
+
+
+def test_get_max_lun_class_request() -> None:
+    device = configured(mass_storage_device([MemoryStore(), None, MemoryStore()]))
+    assert device.control(GET_MAX_LUN) == Reply(data=b"\x02")
+    assert device.control(SetupPacket(0xA1, 0xFE, 1, 0, 1)) == STALL  # wValue must be 0
+    assert device.control(SetupPacket(0xA1, 0xFE, 0, 1, 1)) == STALL  # no interface 1
+    assert device.control(SetupPacket(0x21, 0xFE, 0, 0, 0)) == STALL  # wrong direction
+    assert device.control(SetupPacket(0xA1, 0x42, 0, 0, 1)) == STALL  # unknown class request
+
+
+def test_commands_run_through_the_device(image: Path) -> None:
+    device = configured(mass_storage_device(image))
+    csw, data = device_command(device, rw10(Opcode.READ_CAPACITY_10, 0, 0), 8, IN)
+    assert (csw.status, struct.unpack(">II", data)) == (US_BULK_STAT_OK, (255, 512))
+    csw, data = device_command(device, inquiry(alloc=96), 96, IN)  # short data: STALL, clear, CSW
+    assert csw == BulkCsWrap(0x77, 96 - 74, US_BULK_STAT_OK) and data[8:12] == b"vusb"
+    assert not endpoint_halted(device, BULK_IN)
+
+
+def test_invalid_cbw_keeps_endpoints_halted_through_clear_feature_until_bulk_reset(image: Path) -> None:
+    device = configured(mass_storage_device(image))
+    assert device.transfer(BULK_OUT, b"garbage", 7) == Reply(actual_length=7)
+    assert endpoint_halted(device, BULK_IN) and endpoint_halted(device, BULK_OUT)
+    assert device.transfer(BULK_IN, None, 13) == STALL
+    assert device.control(ch9.clear_halt(BULK_IN)).status == OK
+    assert device.control(ch9.clear_halt(BULK_OUT)).status == OK
+    assert endpoint_halted(device, BULK_IN) and endpoint_halted(device, BULK_OUT)  # wedged
+    assert device.control(BULK_RESET) == Reply(actual_length=0)
+    assert endpoint_halted(device, BULK_IN) and endpoint_halted(device, BULK_OUT)  # §5.3.4
+    device.control(ch9.clear_halt(BULK_IN))
+    device.control(ch9.clear_halt(BULK_OUT))
+    assert not endpoint_halted(device, BULK_IN) and not endpoint_halted(device, BULK_OUT)
+    assert device_command(device, TUR, 0, OUT)[0].status == US_BULK_STAT_OK
+
+
+def test_phase_error_then_reset_recovery_through_ep0(image: Path) -> None:
+    device = configured(mass_storage_device(image))
+    assert device_command(device, rw10(Opcode.READ_10, 0, 2), 512, IN)[0].status == US_BULK_STAT_PHASE
+    assert device.control(BULK_RESET).status == OK
+    device.control(ch9.clear_halt(BULK_IN))
+    device.control(ch9.clear_halt(BULK_OUT))
+    assert device_command(device, TUR, 0, OUT)[0].status == US_BULK_STAT_OK
+
+
+def test_writes_reach_the_image_file_and_survive_reopening(image: Path) -> None:
+    device = configured(mass_storage_device(image))
+    payload = bytes([0xA5]) * (4 * BS)
+    assert device_command(device, rw10(Opcode.WRITE_10, 20, 4), 4 * BS, OUT, payload)[0].status == 0
+    assert image.read_bytes()[20 * BS : 24 * BS] == payload  # in the file once the CSW passed
+    device.close()
+    again = configured(mass_storage_device(image))
+    csw, data = device_command(again, rw10(Opcode.READ_10, 20, 4), 4 * BS, IN)
+    assert (csw.status, data) == (US_BULK_STAT_OK, payload)
+    again.close()
+
+
+def test_read_only_device_refuses_writes_and_reports_wp(image: Path) -> None:
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    device = configured(mass_storage_device(image, read_only=True))
+    csw, _ = device_command(device, rw10(Opcode.WRITE_10, 0, 1), BS, OUT, b"x" * BS)
+    assert csw.status == US_BULK_STAT_FAIL
+    assert device_command(device, request_sense(), 18, IN)[1][2] == 0x07  # DATA PROTECT
+    assert device_command(device, bytes([0x1A, 0, 0x3F, 0, 192, 0]), 192, IN)[1][2] == 0x80  # WP
+    device.close()
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+def test_copy_on_write_device_leaves_the_base_image_alone(image: Path) -> None:
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    device = configured(mass_storage_device(OverlayStore(image)))
+    payload = b"\x3c" * (8 * BS)
+    assert device_command(device, rw10(Opcode.WRITE_10, 0, 8), 8 * BS, OUT, payload)[0].status == 0
+    assert device_command(device, rw10(Opcode.SYNCHRONIZE_CACHE_10, 0, 0), 0, OUT)[0].status == 0
+    assert device_command(device, rw10(Opcode.READ_10, 0, 8), 8 * BS, IN)[1] == payload
+    device.close()
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+def test_close_flushes_and_closes_the_stores() -> None:
+    stores = [MemoryStore(), MemoryStore()]
+    mass_storage_device(stores).close()
+    assert all(s.closed and s.flushes == 1 for s in stores)
+
+
+def test_a_missing_image_is_a_clear_error_and_leaves_nothing_open(image: Path, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match=r"missing\.img: no such image file"):
+        mass_storage_device([image, tmp_path / "missing.img"])
+    with ImageStore(image):  # the first image was closed again: its lock is free
+        pass
+
+
+def test_port_reset_and_reconfiguration_raise_unit_attention_when_asked(image: Path) -> None:
+    device = configured(mass_storage_device(image, unit_attention_on_reset=True))
+    assert device_command(device, TUR, 0, OUT)[0].status == US_BULK_STAT_FAIL
+    assert device_command(device, request_sense(), 18, IN)[1][12] == 0x29
+    assert device_command(device, TUR, 0, OUT)[0].status == US_BULK_STAT_OK
+    device.transfer(BULK_OUT, b"junk", 4)
+    device.reset()
+    configured(device)
+    assert not endpoint_halted(device, BULK_IN)
+    assert device_command(device, TUR, 0, OUT)[0].status == US_BULK_STAT_FAIL  # 29h again
+    assert device_command(device, TUR, 0, OUT)[0].status == US_BULK_STAT_OK
+
+
+def test_full_speed_device_uses_64_byte_packets_for_short_packet_detection(image: Path) -> None:
+    device = configured(mass_storage_device(image, speed=Speed.FULL))
+    assert device.max_packet_size(BULK_OUT) == 64
+    assert device.transfer(BULK_OUT, cbw(rw10(Opcode.WRITE_10, 0, 1), BS, OUT), 31) is not None
+    # 64 bytes is a full packet at full speed: the host is not done yet
+    assert device.transfer(BULK_OUT, b"\x01" * 64, 64) == Reply(actual_length=64)
+    assert device.transfer(BULK_IN, None, 13) is None  # still in the data phase: NAK
+    assert device.transfer(BULK_OUT, b"\x01" * 448, 448) == Reply(actual_length=448)
+    reply = device.transfer(BULK_IN, None, 13)
+    assert reply is not None and BulkCsWrap.unpack(reply.data).status == US_BULK_STAT_OK
+
+
+def test_naked_in_transfer_wakes_the_edge_when_the_cbw_arrives(image: Path) -> None:
+    device = configured(mass_storage_device(image))
+    woken: list[int] = []
+    device.set_wakeup(lambda: woken.append(1))
+    assert device.transfer(BULK_IN, None, 13) is None
+    device.transfer(BULK_OUT, cbw(TUR, 0, OUT), 31)
+    assert woken == [1]

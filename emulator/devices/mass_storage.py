@@ -23,12 +23,26 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import os
+import re
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from emulator.devices.base import STALL, Reply, TransferStatus
+from emulator.devices.base import (
+    STALL,
+    Device,
+    DeviceError,
+    EndpointSpec,
+    Function,
+    InterfaceSpec,
+    Reply,
+    TransferStatus,
+)
 from emulator.devices.scsi import Command, Direction, ScsiStatus, ScsiTarget
-from emulator.errors import VusbError
+from emulator.devices.storage import ImageStore, Store
+from emulator.usb import setup as ch9
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +66,7 @@ _CBW = struct.Struct("<IIIBBB16s")
 _CSW = struct.Struct("<IIIB")
 
 
-class MassStorageError(VusbError):
+class MassStorageError(DeviceError):
     """A CBW or CSW could not be decoded (bad length or signature)."""
 
 
@@ -404,3 +418,156 @@ class BulkOnlyTransport:
         if length < US_BULK_CS_WRAP_LEN:  # the host's buffer cannot hold it: babble
             return Reply(TransferStatus.OVERFLOW, csw[:length])
         return Reply(data=csw)
+
+
+# ---------------------------------------------------------------------------------------------- the function
+
+
+class MassStorageFunction(Function):
+    """A USB mass-storage interface (class 08h, SCSI transparent 06h, Bulk-Only 50h) with one bulk IN and
+    one bulk OUT endpoint, serving `target`'s LUNs through `BulkOnlyTransport`.
+
+    The device framework owns endpoint halts (`Device.halted`); the transport keeps its own, because BOT
+    decides when to halt. They are kept in step here: a halt the transport decides on is set on the device
+    at once (so GET_STATUS sees it and the next transfer STALLs), and CLEAR_FEATURE(HALT) while the
+    transport is wedged halts the endpoint again. A re-entrant lock makes the function safe to drive from
+    more than one thread.
+    """
+
+    name = "mass_storage"
+
+    def __init__(self, target: ScsiTarget, *, can_stall: bool = True) -> None:
+        super().__init__()
+        self.target = target
+        self.bot = BulkOnlyTransport(target, can_stall=can_stall, wakeup=self.wakeup)
+        self._lock = threading.RLock()
+
+    def interfaces(self) -> list[InterfaceSpec]:
+        return [
+            InterfaceSpec(
+                USB_CLASS_MASS_STORAGE,
+                USB_SC_SCSI,
+                USB_PR_BULK,
+                endpoints=(EndpointSpec("in", ch9.Direction.IN), EndpointSpec("out", ch9.Direction.OUT)),
+                name="Mass Storage",
+            )
+        ]
+
+    def _sync_halts(self) -> None:
+        if self.bot.in_halted and not self.is_halted("in"):
+            self.halt("in")
+        if self.bot.out_halted and not self.is_halted("out"):
+            self.halt("out")
+
+    def transfer(self, endpoint: str, data: bytes | None, length: int) -> Reply | None:
+        with self._lock:
+            if endpoint == "out":
+                reply = self.bot.bulk_out(data if data is not None else b"")
+            else:
+                reply = self.bot.bulk_in(length)
+            self._sync_halts()
+        return reply
+
+    def control(self, setup: ch9.SetupPacket, data: bytes) -> Reply:
+        """The two BOT class requests (§3.1, §3.2), addressed to this interface with wValue 0."""
+        if setup.type is not ch9.RequestType.CLASS or setup.recipient != ch9.Recipient.INTERFACE:
+            return STALL
+        if setup.value != 0 or setup.index != self.interface_number():
+            return STALL
+        if setup.request == US_BULK_RESET_REQUEST and not setup.is_in and setup.length == 0:
+            with self._lock:
+                self.bot.mass_storage_reset()
+                self._sync_halts()
+            return Reply()
+        if setup.request == US_BULK_GET_MAX_LUN and setup.is_in and setup.length >= 1:
+            return Reply(data=bytes((self.bot.max_lun,)))
+        return STALL
+
+    def clear_halt(self, endpoint: str) -> None:
+        with self._lock:
+            self.bot.clear_halt(bulk_in=endpoint == "in")
+            self._sync_halts()  # wedged after an invalid CBW: the endpoint stays halted
+
+    def set_alt(self, interface: int, alternate: int) -> None:
+        """SET_CONFIGURATION / SET_INTERFACE: endpoints start afresh, so does the transport (and the
+        target, as f_mass_storage's do_set_interface does)."""
+        with self._lock:
+            self.bot.max_packet_size = self.max_packet_size("out")
+            self.bot.reset()
+
+    def disable(self) -> None:
+        with self._lock:
+            self.bot.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.bot.reset()
+
+    def close(self) -> None:
+        with self._lock:
+            self.target.close()
+
+
+PID_CODES_VENDOR = 0x1209  # pid.codes, test PIDs 0x0001..0x0010
+MASS_STORAGE_PRODUCT_ID = 0x0004
+DEFAULT_SERIAL = "565553420001"  # "VUSB" in hex, then 0001: BOT §4.1.1 wants 12+ hex digits
+
+StoreSpec = Store | str | os.PathLike[str] | None
+
+
+def mass_storage_device(
+    stores: StoreSpec | Sequence[StoreSpec],
+    *,
+    vendor: str = "vusb",
+    product: str = "Virtual Disk",
+    revision: str = "0100",
+    serial: str = DEFAULT_SERIAL,
+    read_only: bool = False,
+    removable: bool = True,
+    unit_attention_on_reset: bool = False,
+    can_stall: bool = True,
+    **options: Any,
+) -> Device:
+    """A ready high-speed USB disk: one LUN per entry of `stores` (an image path, opened read-only when
+    `read_only`; a `Store`, used as it is; or None for an empty removable slot). `vendor`, `product` and
+    `serial` name it both in INQUIRY and in the USB string descriptors. `options` go to `Device`
+    (id_vendor, id_product, speed, ...)."""
+    if isinstance(stores, Store | str | os.PathLike) or stores is None:
+        stores = [stores]
+    if not re.fullmatch(r"[0-9A-F]{12,}", serial):
+        log.warning(
+            "serial %r: BOT §4.1.1 asks for at least 12 hex digits (0-9, A-F); Windows may mind", serial
+        )
+    opened: list[Store] = []
+    luns: list[Store | None] = []
+    try:
+        for spec in stores:
+            if spec is None or isinstance(spec, Store):
+                luns.append(spec)
+            else:
+                image = ImageStore(spec, read_only=read_only)
+                opened.append(image)
+                luns.append(image)
+        target = ScsiTarget(
+            luns,
+            vendor=vendor,
+            product=product,
+            revision=revision,
+            serial=serial,
+            removable=removable,
+            unit_attention_on_reset=unit_attention_on_reset,
+        )
+        settings: dict[str, Any] = dict(
+            id_vendor=PID_CODES_VENDOR,
+            id_product=MASS_STORAGE_PRODUCT_ID,
+            manufacturer=vendor,
+            product=product,
+            serial=serial,
+            speed=ch9.Speed.HIGH,
+        )
+        settings.update(options)
+        return Device([MassStorageFunction(target, can_stall=can_stall)], **settings)
+    except BaseException:
+        for store in opened:
+            store.close()
+        raise

@@ -25,11 +25,11 @@ import enum
 import struct
 from collections.abc import Callable, Sequence
 
+from emulator.devices.base import DeviceError
 from emulator.devices.storage import StorageError, Store
-from emulator.errors import VusbError
 
 
-class ScsiError(VusbError):
+class ScsiError(DeviceError):
     """The target was configured or driven wrongly (bad vendor string, too many LUNs, empty CDB)."""
 
 

@@ -23,12 +23,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 
-from emulator.errors import VusbError
+from emulator.devices.base import DeviceError
 
 DEFAULT_BLOCK_SIZE = 512
 
 
-class StorageError(VusbError):
+class StorageError(DeviceError):
     """A backing store could not be opened, created, read or written."""
 
 
