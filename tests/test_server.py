@@ -1,0 +1,285 @@
+"""The asyncio USB/IP server over real loopback sockets, driven by the sans-I/O client connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+import pytest
+
+from emulator.devices.hid import Keyboard, hid_keyboard_device
+from emulator.server import UrbDispatcher, UsbipServer
+from emulator.usb.setup import get_descriptor, set_configuration
+from emulator.usbip import (
+    NEED_DATA,
+    ClientConnection,
+    CmdSubmit,
+    CmdUnlink,
+    OpRepDevlist,
+    OpRepImport,
+    OpReqDevlist,
+    OpReqImport,
+    RetSubmit,
+    RetUnlink,
+)
+from emulator.usbip.constants import ECONNRESET, ST_DEV_BUSY, ST_NODEV, ST_OK, USBIP_DIR_IN, USBIP_DIR_OUT
+
+TIMEOUT = 5
+
+
+class Client:
+    """A minimal USB/IP client: the core's ClientConnection over an asyncio stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = ClientConnection()
+        self.devid = 0
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        return cls(r, w)
+
+    def send(self, message: object) -> None:
+        self.writer.write(self.conn.send(message))  # type: ignore[arg-type]
+
+    async def event(self) -> object:
+        while True:
+            ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            data = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+            self.conn.receive_data(data)
+
+    async def import_(self, busid: str) -> OpRepImport:
+        self.send(OpReqImport(busid=busid))
+        rep = await self.event()
+        assert isinstance(rep, OpRepImport)
+        if rep.udev is not None:
+            self.devid = rep.udev.devid
+        return rep
+
+    def submit(
+        self, ep: int, direction: int, length: int = 0, setup: bytes = bytes(8), data: bytes = b""
+    ) -> int:
+        seq = self.conn.next_seqnum()
+        self.send(
+            CmdSubmit(
+                seqnum=seq,
+                devid=self.devid,
+                direction=direction,
+                ep=ep,
+                transfer_buffer_length=length if direction == USBIP_DIR_IN else len(data),
+                setup=setup,
+                transfer_buffer=data,
+            )
+        )
+        return seq
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+def run(coro: object) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+
+
+def test_devlist_lists_every_export_with_interfaces() -> None:
+    async def body() -> None:
+        devices = [hid_keyboard_device(), hid_keyboard_device()]
+        async with UsbipServer(devices, port=0) as server:
+            c = await Client.connect(server.port)
+            c.send(OpReqDevlist())
+            rep = await c.event()
+            assert isinstance(rep, OpRepDevlist)
+            assert [d.udev.busid for d in rep.devices] == ["1-1", "1-2"]
+            first = rep.devices[0]
+            assert (first.udev.idVendor, first.udev.idProduct) == (0x1209, 0x0001)
+            assert first.udev.bNumInterfaces == len(first.uinf) == 1
+            assert (first.uinf[0].bInterfaceClass, first.uinf[0].bInterfaceSubClass) == (3, 1)
+            # usbipd closes after one operation
+            assert await asyncio.wait_for(c.reader.read(1), TIMEOUT) == b""
+
+    run(body())
+
+
+def test_import_unknown_busid_answers_st_nodev() -> None:
+    async def body() -> None:
+        async with UsbipServer([hid_keyboard_device()], port=0) as server:
+            c = await Client.connect(server.port)
+            rep = await c.import_("9-9")
+            assert rep.status == ST_NODEV and rep.udev is None
+
+    run(body())
+
+
+def test_second_importer_gets_st_dev_busy_until_first_leaves() -> None:
+    async def body() -> None:
+        async with UsbipServer([hid_keyboard_device()], port=0) as server:
+            a = await Client.connect(server.port)
+            assert (await a.import_("1-1")).status == ST_OK
+            b = await Client.connect(server.port)
+            assert (await b.import_("1-1")).status == ST_DEV_BUSY
+            await a.close()
+            for _ in range(100):
+                if server.exports["1-1"].importer is None:
+                    break
+                await asyncio.sleep(0.02)
+            c = await Client.connect(server.port)
+            assert (await c.import_("1-1")).status == ST_OK
+
+    run(body())
+
+
+def test_control_in_returns_device_descriptor_read_by_get_descriptor() -> None:
+    async def body() -> None:
+        dev = hid_keyboard_device()
+        async with UsbipServer([dev], port=0) as server:
+            c = await Client.connect(server.port)
+            await c.import_("1-1")
+            seq = c.submit(0, USBIP_DIR_IN, 18, get_descriptor(1, 0, 18).to_bytes())
+            ret = await c.event()
+            assert isinstance(ret, RetSubmit) and ret.seqnum == seq and ret.status == 0
+            assert ret.transfer_buffer == dev.device_descriptor.to_bytes()
+
+    run(body())
+
+
+def test_pending_interrupt_in_completes_when_key_typed_and_unlink_of_pending_gets_econnreset() -> None:
+    async def body() -> None:
+        kb = Keyboard()
+        async with UsbipServer([hid_keyboard_device(kb)], port=0) as server:
+            c = await Client.connect(server.port)
+            await c.import_("1-1")
+            c.submit(0, USBIP_DIR_OUT, setup=set_configuration(1).to_bytes())
+            assert isinstance(await c.event(), RetSubmit)
+            seq = c.submit(1, USBIP_DIR_IN, 8)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(c.event(), 0.3)  # nothing to report yet: the URB waits
+            kb.type_text("a")
+            ret = await c.event()
+            assert isinstance(ret, RetSubmit) and ret.seqnum == seq
+            assert ret.transfer_buffer[2] == 0x04  # HID usage 'a'
+            # a new IN gets the key-up; the third waits, and an unlink cancels it
+            c.submit(1, USBIP_DIR_IN, 8)
+            assert isinstance(await c.event(), RetSubmit)
+            pending = c.submit(1, USBIP_DIR_IN, 8)
+            useq = c.conn.next_seqnum()
+            c.send(CmdUnlink(seqnum=useq, devid=c.devid, unlink_seqnum=pending))
+            ret = await c.event()
+            assert isinstance(ret, RetUnlink) and ret.seqnum == useq and ret.status == -ECONNRESET
+            assert pending not in c.conn.pending_seqnums
+
+    run(body())
+
+
+def test_unlink_after_completion_returns_status_zero() -> None:
+    async def body() -> None:
+        async with UsbipServer([hid_keyboard_device()], port=0) as server:
+            c = await Client.connect(server.port)
+            await c.import_("1-1")
+            seq = c.submit(0, USBIP_DIR_IN, 18, get_descriptor(1, 0, 18).to_bytes())
+            # the unlink is sent before the RET_SUBMIT is read: the server has answered already
+            useq = c.conn.next_seqnum()
+            c.send(CmdUnlink(seqnum=useq, devid=c.devid, unlink_seqnum=seq))
+            first, second = await c.event(), await c.event()
+            assert isinstance(first, RetSubmit) and first.seqnum == seq
+            assert isinstance(second, RetUnlink) and second.status == 0
+
+    run(body())
+
+
+def test_many_pipelined_urbs_answered_in_order() -> None:
+    async def body() -> None:
+        async with UsbipServer([hid_keyboard_device()], port=0) as server:
+            c = await Client.connect(server.port)
+            await c.import_("1-1")
+            seqs = [c.submit(0, USBIP_DIR_IN, 18, get_descriptor(1, 0, 18).to_bytes()) for _ in range(64)]
+            got = [await c.event() for _ in seqs]
+            assert [r.seqnum for r in got if isinstance(r, RetSubmit)] == seqs
+
+    run(body())
+
+
+def test_garbage_closes_only_that_connection_and_server_keeps_serving() -> None:
+    async def body() -> None:
+        async with UsbipServer([hid_keyboard_device()], port=0) as server:
+            good = await Client.connect(server.port)
+            await good.import_("1-1")
+            r, w = await asyncio.open_connection("127.0.0.1", server.port)
+            w.write(b"\xde\xad\xbe\xef" * 16)
+            assert await asyncio.wait_for(r.read(100), TIMEOUT) == b""  # closed by the server
+            seq = good.submit(0, USBIP_DIR_IN, 18, get_descriptor(1, 0, 18).to_bytes())
+            ret = await good.event()
+            assert isinstance(ret, RetSubmit) and ret.seqnum == seq and ret.status == 0
+
+    run(body())
+
+
+def test_unknown_urb_command_after_import_closes_and_releases_the_device() -> None:
+    async def body() -> None:
+        async with UsbipServer([hid_keyboard_device()], port=0) as server:
+            c = await Client.connect(server.port)
+            await c.import_("1-1")
+            c.writer.write(struct.pack(">5I", 7, 1, c.devid, 0, 0) + bytes(28))
+            assert await asyncio.wait_for(c.reader.read(100), TIMEOUT) == b""
+            for _ in range(100):
+                if server.exports["1-1"].importer is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert server.exports["1-1"].importer is None
+            again = await Client.connect(server.port)
+            assert (await again.import_("1-1")).status == ST_OK
+
+    run(body())
+
+
+def test_peer_vanishing_mid_message_releases_the_device() -> None:
+    async def body() -> None:
+        async with UsbipServer([hid_keyboard_device()], port=0) as server:
+            c = await Client.connect(server.port)
+            await c.import_("1-1")
+            c.writer.write(struct.pack(">5I", 1, 99, c.devid, 0, 0))  # half a CMD_SUBMIT
+            await c.writer.drain()
+            sock = c.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            c.writer.transport.abort()
+            for _ in range(200):
+                if server.exports["1-1"].importer is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert server.exports["1-1"].importer is None
+
+    run(body())
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    async def body() -> None:
+        async with UsbipServer([hid_keyboard_device()], port=0) as first:
+            from emulator.server import ServerError
+
+            with pytest.raises(ServerError, match="cannot listen"):
+                await UsbipServer([hid_keyboard_device()], port=first.port).start()
+
+    run(body())
+
+
+def test_dispatcher_queues_per_endpoint_and_keeps_order() -> None:
+    kb = Keyboard()
+    dev = hid_keyboard_device(kb)
+    dev.control(set_configuration(1), b"")
+    d = UrbDispatcher(dev)
+    cmds = [
+        CmdSubmit(seqnum=i, devid=0, direction=USBIP_DIR_IN, ep=1, transfer_buffer_length=8) for i in (1, 2)
+    ]
+    assert d.submit(cmds[0]) is None and d.submit(cmds[1]) is None
+    assert d.queued == 2
+    kb.type_text("b")
+    done = d.retry()
+    assert [r.seqnum for r in done] == [1, 2]
+    assert done[0].transfer_buffer[2] == 0x05  # 'b' down, then key up
+    assert done[1].transfer_buffer == bytes(8)
