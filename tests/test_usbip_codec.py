@@ -68,7 +68,13 @@ def hexbytes(text: str) -> bytes:
 # ---------------------------------------------------------------------------------------------- round trips
 
 any_message = st.one_of(
-    cmd_submits(), cmd_unlinks, ret_unlinks, op_rep_devlists, op_rep_imports, op_req_devlists, op_req_imports,
+    cmd_submits(),
+    cmd_unlinks,
+    ret_unlinks,
+    op_rep_devlists,
+    op_rep_imports,
+    op_req_devlists,
+    op_req_imports,
     ret_submits_with_direction().map(lambda pair: pair[0]),
 )
 
@@ -117,13 +123,17 @@ def test_incremental_reader_needs_exactly_the_message_and_leaves_what_follows(me
 
 @pytest.mark.parametrize("packets_hex, packets", [("ffffffff", -1), ("00000000", 0)])
 def test_non_iso_number_of_packets_minus_one_and_zero_both_round_trip_byte_exact(packets_hex, packets):
-    raw = hexbytes(f"00000001 00000001 00010002 00000001 00000002 00000200 00000200 00000000 {packets_hex}"
-                   "00000000 0000000000000000")
+    raw = hexbytes(
+        f"00000001 00000001 00010002 00000001 00000002 00000200 00000200 00000000 {packets_hex}"
+        "00000000 0000000000000000"
+    )
     cmd = unpack(raw)
     assert isinstance(cmd, CmdSubmit) and cmd.number_of_packets == packets and not cmd.is_iso
     assert pack(cmd) == raw
-    ret_raw = hexbytes(f"00000003 00000001 00000000 00000000 00000000 00000000 00000000 00000000 {packets_hex}"
-                       "00000000 0000000000000000")
+    ret_raw = hexbytes(
+        f"00000003 00000001 00000000 00000000 00000000 00000000 00000000 00000000 {packets_hex}"
+        "00000000 0000000000000000"
+    )
     assert pack(unpack(ret_raw)) == ret_raw
 
 
@@ -132,22 +142,39 @@ def test_non_iso_number_of_packets_minus_one_and_zero_both_round_trip_byte_exact
 
 HID_PAYLOAD_OUT = "ffffffff860008a784ce5ae2123763" + "00" * 49
 HID_PAYLOAD_IN = "ffffffff860011a784ce5ae2123763612891b1020100000400" + "00" * 39
-CMD_INTR_IN = ("00000001 00000d05 0001000f 00000001 00000001 00000200 00000040 ffffffff 00000000 00000004 "
-               "00000000 00000000")
-CMD_INTR_OUT = ("00000001 00000d06 0001000f 00000000 00000001 00000000 00000040 ffffffff 00000000 00000004 "
-                "00000000 00000000" + HID_PAYLOAD_OUT)
-RET_INTR_OUT = ("00000003 00000d06 00000000 00000000 00000000 00000000 00000040 ffffffff 00000000 00000000 "
-                "00000000 00000000")
-RET_INTR_IN = ("00000003 00000d05 00000000 00000000 00000000 00000000 00000040 ffffffff 00000000 00000000 "
-               "00000000 00000000" + HID_PAYLOAD_IN)
+CMD_INTR_IN = (
+    "00000001 00000d05 0001000f 00000001 00000001 00000200 00000040 ffffffff 00000000 00000004 "
+    "00000000 00000000"
+)
+CMD_INTR_OUT = (
+    "00000001 00000d06 0001000f 00000000 00000001 00000000 00000040 ffffffff 00000000 00000004 "
+    "00000000 00000000" + HID_PAYLOAD_OUT
+)
+RET_INTR_OUT = (
+    "00000003 00000d06 00000000 00000000 00000000 00000000 00000040 ffffffff 00000000 00000000 "
+    "00000000 00000000"
+)
+RET_INTR_IN = (
+    "00000003 00000d05 00000000 00000000 00000000 00000000 00000040 ffffffff 00000000 00000000 "
+    "00000000 00000000" + HID_PAYLOAD_IN
+)
 
 
 def test_kernel_doc_example_cmd_intr_in_decodes_field_by_field_and_reencodes_identically():
     raw = hexbytes(CMD_INTR_IN)
     cmd = unpack(raw)
-    assert cmd == CmdSubmit(seqnum=0xD05, devid=0x1000F, direction=USBIP_DIR_IN, ep=1,
-                            transfer_flags=USBIP_URB_DIR_IN, transfer_buffer_length=0x40, start_frame=-1,
-                            number_of_packets=0, interval=4, setup=bytes(8))
+    assert cmd == CmdSubmit(
+        seqnum=0xD05,
+        devid=0x1000F,
+        direction=USBIP_DIR_IN,
+        ep=1,
+        transfer_flags=USBIP_URB_DIR_IN,
+        transfer_buffer_length=0x40,
+        start_frame=-1,
+        number_of_packets=0,
+        interval=4,
+        setup=bytes(8),
+    )
     assert pack(cmd) == raw
 
 
@@ -166,8 +193,9 @@ def test_kernel_doc_example_ret_intr_out_and_in_decode_with_the_cmd_direction():
     assert ret_out == RetSubmit(seqnum=0xD06, actual_length=64, start_frame=-1)
     assert pack(ret_out) == hexbytes(RET_INTR_OUT)
     ret_in = unpack(hexbytes(RET_INTR_IN), direction=USBIP_DIR_IN)
-    assert ret_in == RetSubmit(seqnum=0xD05, actual_length=64, start_frame=-1,
-                               transfer_buffer=hexbytes(HID_PAYLOAD_IN))
+    assert ret_in == RetSubmit(
+        seqnum=0xD05, actual_length=64, start_frame=-1, transfer_buffer=hexbytes(HID_PAYLOAD_IN)
+    )
     assert pack(ret_in) == hexbytes(RET_INTR_IN)
 
 
@@ -190,24 +218,53 @@ def test_failed_op_rep_import_is_only_the_8_byte_op_common(status):
 
 
 PATH = "/sys/devices/pci0000:00/0000:00:1d.1/usb3/3-2"
-DEVICE = UsbDevice(path=PATH, busid="3-2", busnum=3, devnum=2, speed=USB_SPEED_FULL, idVendor=0x046D,
-                   idProduct=0xC52B, bcdDevice=0x1201, bDeviceClass=0, bDeviceSubClass=0, bDeviceProtocol=0,
-                   bConfigurationValue=1, bNumConfigurations=1, bNumInterfaces=1)
+DEVICE = UsbDevice(
+    path=PATH,
+    busid="3-2",
+    busnum=3,
+    devnum=2,
+    speed=USB_SPEED_FULL,
+    idVendor=0x046D,
+    idProduct=0xC52B,
+    bcdDevice=0x1201,
+    bDeviceClass=0,
+    bDeviceSubClass=0,
+    bDeviceProtocol=0,
+    bConfigurationValue=1,
+    bNumConfigurations=1,
+    bNumInterfaces=1,
+)
 
 
 def _device_record_hex() -> str:
-    return (PATH.encode().ljust(256, b"\0").hex() + b"3-2".ljust(32, b"\0").hex()
-            + "00000003 00000002 00000002 046d c52b 1201 00 00 00 01 01 01")
+    return (
+        PATH.encode().ljust(256, b"\0").hex()
+        + b"3-2".ljust(32, b"\0").hex()
+        + "00000003 00000002 00000002 046d c52b 1201 00 00 00 01 01 01"
+    )
 
 
 def test_op_rep_devlist_matches_the_offsets_of_the_kernel_table():
-    second = UsbDevice(path="/sys/x/1-1", busid="1-1", busnum=1, devnum=4, speed=3, idVendor=1, idProduct=2,
-                       bcdDevice=3, bNumInterfaces=0)
-    message = OpRepDevlist(devices=(
-        OpDevlistReplyExtra(udev=DEVICE, uinf=(UsbInterface(bInterfaceClass=3, bInterfaceSubClass=1,
-                                                            bInterfaceProtocol=2),)),
-        OpDevlistReplyExtra(udev=second, uinf=()),
-    ))
+    second = UsbDevice(
+        path="/sys/x/1-1",
+        busid="1-1",
+        busnum=1,
+        devnum=4,
+        speed=3,
+        idVendor=1,
+        idProduct=2,
+        bcdDevice=3,
+        bNumInterfaces=0,
+    )
+    message = OpRepDevlist(
+        devices=(
+            OpDevlistReplyExtra(
+                udev=DEVICE,
+                uinf=(UsbInterface(bInterfaceClass=3, bInterfaceSubClass=1, bInterfaceProtocol=2),),
+            ),
+            OpDevlistReplyExtra(udev=second, uinf=()),
+        )
+    )
     raw = pack(message)
     expected_first = hexbytes("0111 0005 00000000 00000002" + _device_record_hex() + "03 01 02 00")
     assert raw[: len(expected_first)] == expected_first
@@ -245,15 +302,26 @@ def test_cmd_unlink_and_ret_unlink_are_48_bytes_with_zero_padding():
 
 
 def test_iso_in_ret_submit_sends_packets_back_to_back_then_descriptors():
-    isos = (IsoPacketDescriptor(offset=0, length=8, actual_length=3, status=0),
-            IsoPacketDescriptor(offset=8, length=8, actual_length=2, status=-18))
-    ret = RetSubmit(seqnum=7, actual_length=5, start_frame=100, number_of_packets=2,
-                    transfer_buffer=b"abcde", iso_packet_descriptors=isos)
+    isos = (
+        IsoPacketDescriptor(offset=0, length=8, actual_length=3, status=0),
+        IsoPacketDescriptor(offset=8, length=8, actual_length=2, status=-18),
+    )
+    ret = RetSubmit(
+        seqnum=7,
+        actual_length=5,
+        start_frame=100,
+        number_of_packets=2,
+        transfer_buffer=b"abcde",
+        iso_packet_descriptors=isos,
+    )
     raw = pack(ret)
     assert raw == hexbytes(
         "00000003 00000007 00000000 00000000 00000000 00000000 00000005 00000064 00000002 00000000"
-        "0000000000000000" + b"abcde".hex()
-        + "00000000 00000008 00000003 00000000" + "00000008 00000008 00000002 ffffffee")
+        "0000000000000000"
+        + b"abcde".hex()
+        + "00000000 00000008 00000003 00000000"
+        + "00000008 00000008 00000002 ffffffee"
+    )
     assert unpack(raw, direction=USBIP_DIR_IN) == ret
 
 
@@ -266,22 +334,48 @@ def test_setup_packet_passes_through_raw_little_endian_bytes():
 
 def test_header_basic_is_the_first_20_bytes():
     header = codec.unpack_header_basic(hexbytes(CMD_INTR_IN))
-    assert (header.command, header.seqnum, header.devid, header.direction, header.ep) == (1, 0xD05, 0x1000F, 1, 1)
+    assert (header.command, header.seqnum, header.devid, header.direction, header.ep) == (
+        1,
+        0xD05,
+        0x1000F,
+        1,
+        1,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- remote errors
 
 
 def cmd_raw(**fields) -> bytearray:
-    values = dict(command=1, seqnum=9, devid=0x10002, direction=0, ep=1, transfer_flags=0,
-                  transfer_buffer_length=0, start_frame=0, number_of_packets=0, interval=0)
+    values = dict(
+        command=1,
+        seqnum=9,
+        devid=0x10002,
+        direction=0,
+        ep=1,
+        transfer_flags=0,
+        transfer_buffer_length=0,
+        start_frame=0,
+        number_of_packets=0,
+        interval=0,
+    )
     values.update(fields)
     return bytearray(struct.pack(">6I4i8s", *values.values(), bytes(8)))
 
 
 def ret_raw(**fields) -> bytearray:
-    values = dict(command=3, seqnum=9, devid=0, direction=0, ep=0, status=0, actual_length=0, start_frame=0,
-                  number_of_packets=0, error_count=0)
+    values = dict(
+        command=3,
+        seqnum=9,
+        devid=0,
+        direction=0,
+        ep=0,
+        status=0,
+        actual_length=0,
+        start_frame=0,
+        number_of_packets=0,
+        error_count=0,
+    )
     values.update(fields)
     return bytearray(struct.pack(">5I5i8x", *values.values()))
 
@@ -370,8 +464,13 @@ def test_iso_packet_count_above_the_cap_is_refused():
         unpack(cmd_raw(number_of_packets=1025))
     assert info.value.field == "number_of_packets"
     with pytest.raises(LimitExceededError, match="number_of_packets 5"):
-        read_ret_submit(bytes(ret_raw(number_of_packets=5)), 0, 0, Limits(max_number_of_packets=4),
-                        lambda s: USBIP_DIR_OUT)
+        read_ret_submit(
+            bytes(ret_raw(number_of_packets=5)),
+            0,
+            0,
+            Limits(max_number_of_packets=4),
+            lambda s: USBIP_DIR_OUT,
+        )
 
 
 def test_iso_ret_whose_packet_lengths_do_not_add_up_is_a_length_mismatch():
@@ -442,16 +541,20 @@ def test_corrupting_one_byte_of_a_valid_message_never_escapes_protocol_error(mes
 
 
 def test_out_buffer_shorter_than_transfer_buffer_length_is_a_local_length_mismatch():
-    cmd = CmdSubmit(seqnum=1, devid=1, direction=USBIP_DIR_OUT, ep=2, transfer_buffer_length=10,
-                    transfer_buffer=b"12345")
-    with pytest.raises(LocalLengthMismatchError, match="holds 5 bytes, transfer_buffer_length says 10") as info:
+    cmd = CmdSubmit(
+        seqnum=1, devid=1, direction=USBIP_DIR_OUT, ep=2, transfer_buffer_length=10, transfer_buffer=b"12345"
+    )
+    with pytest.raises(
+        LocalLengthMismatchError, match="holds 5 bytes, transfer_buffer_length says 10"
+    ) as info:
         pack(cmd)
     assert info.value.field == "transfer_buffer" and info.value.seqnum == 1
 
 
 def test_in_cmd_submit_with_data_is_a_local_length_mismatch():
-    cmd = CmdSubmit(seqnum=1, devid=1, direction=USBIP_DIR_IN, ep=2, transfer_buffer_length=3,
-                    transfer_buffer=b"abc")
+    cmd = CmdSubmit(
+        seqnum=1, devid=1, direction=USBIP_DIR_IN, ep=2, transfer_buffer_length=3, transfer_buffer=b"abc"
+    )
     with pytest.raises(LocalLengthMismatchError, match="IN CMD_SUBMIT carries no data"):
         pack(cmd)
 
@@ -481,12 +584,25 @@ def test_ret_submit_buffer_not_matching_actual_length_is_a_local_length_mismatch
         (OpRepImport(status=0), "udev"),
         (OpRepImport(status=ST_NA, udev=DEVICE), "udev"),
         (OpRepImport(status=-1), "status"),
-        (OpRepImport(udev=UsbDevice(path="p", busid="b", busnum=1, devnum=1, speed=1, idVendor=70000,
-                                    idProduct=1, bcdDevice=1)), "udev.idVendor"),
+        (
+            OpRepImport(
+                udev=UsbDevice(
+                    path="p", busid="b", busnum=1, devnum=1, speed=1, idVendor=70000, idProduct=1, bcdDevice=1
+                )
+            ),
+            "udev.idVendor",
+        ),
         (OpRepDevlist(status=ST_NA, devices=(OpDevlistReplyExtra(udev=DEVICE),)), "devices"),
-        (RetSubmit(seqnum=1, actual_length=1, number_of_packets=1, transfer_buffer=b"x",
-                   iso_packet_descriptors=(IsoPacketDescriptor(offset=-1, length=1, actual_length=1),)),
-         "iso_packet_descriptors[0].offset"),
+        (
+            RetSubmit(
+                seqnum=1,
+                actual_length=1,
+                number_of_packets=1,
+                transfer_buffer=b"x",
+                iso_packet_descriptors=(IsoPacketDescriptor(offset=-1, length=1, actual_length=1),),
+            ),
+            "iso_packet_descriptors[0].offset",
+        ),
     ],
 )
 def test_unsendable_field_values_raise_local_field_error_naming_the_field(message, field):
@@ -497,8 +613,14 @@ def test_unsendable_field_values_raise_local_field_error_naming_the_field(messag
 
 
 def test_iso_descriptor_count_not_matching_number_of_packets_is_a_local_length_mismatch():
-    cmd = CmdSubmit(seqnum=1, devid=1, direction=USBIP_DIR_IN, ep=3, number_of_packets=2,
-                    iso_packet_descriptors=(IsoPacketDescriptor(offset=0, length=8),))
+    cmd = CmdSubmit(
+        seqnum=1,
+        devid=1,
+        direction=USBIP_DIR_IN,
+        ep=3,
+        number_of_packets=2,
+        iso_packet_descriptors=(IsoPacketDescriptor(offset=0, length=8),),
+    )
     with pytest.raises(LocalLengthMismatchError, match="announces 2 iso packet descriptors, 1 given"):
         pack(cmd)
 

@@ -52,8 +52,17 @@ from emulator.usbip.messages import (
     UsbInterface,
 )
 
-UDEV = UsbDevice(path="/sys/devices/platform/vusb/usb1/1-1", busid="1-1", busnum=1, devnum=2, speed=3,
-                 idVendor=0x1D6B, idProduct=0x0104, bcdDevice=0x0100, bNumInterfaces=1)
+UDEV = UsbDevice(
+    path="/sys/devices/platform/vusb/usb1/1-1",
+    busid="1-1",
+    busnum=1,
+    devnum=2,
+    speed=3,
+    idVendor=0x1D6B,
+    idProduct=0x0104,
+    bcdDevice=0x0100,
+    bNumInterfaces=1,
+)
 DEVID = UDEV.devid
 
 
@@ -81,8 +90,14 @@ def submit(client, server, *, direction=USBIP_DIR_IN, length=64, data=b""):
     seqnum = client.next_seqnum()
     if direction == USBIP_DIR_OUT:
         length = len(data)
-    cmd = CmdSubmit(seqnum=seqnum, devid=DEVID, direction=direction, ep=1, transfer_buffer_length=length,
-                    transfer_buffer=data)
+    cmd = CmdSubmit(
+        seqnum=seqnum,
+        devid=DEVID,
+        direction=direction,
+        ep=1,
+        transfer_buffer_length=length,
+        transfer_buffer=data,
+    )
     server.receive_data(client.send(cmd))
     assert drain(server) == [cmd]
     return seqnum
@@ -97,8 +112,15 @@ def unlink(client, server, target):
 
 
 def cmd_submit_bytes(seqnum, devid=DEVID, **fields):
-    return pack(CmdSubmit(seqnum=seqnum, devid=devid, direction=fields.pop("direction", USBIP_DIR_IN),
-                          ep=fields.pop("ep", 1), **fields))
+    return pack(
+        CmdSubmit(
+            seqnum=seqnum,
+            devid=devid,
+            direction=fields.pop("direction", USBIP_DIR_IN),
+            ep=fields.pop("ep", 1),
+            **fields,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------- operation phase
@@ -108,8 +130,14 @@ def test_devlist_is_one_request_one_reply_then_the_connection_is_done():
     client, server = ClientConnection(), ServerConnection()
     server.receive_data(client.send(OpReqDevlist()))
     assert drain(server) == [OpReqDevlist()]
-    reply = OpRepDevlist(devices=(OpDevlistReplyExtra(
-        udev=UDEV, uinf=(UsbInterface(bInterfaceClass=8, bInterfaceSubClass=6, bInterfaceProtocol=0x50),)),))
+    reply = OpRepDevlist(
+        devices=(
+            OpDevlistReplyExtra(
+                udev=UDEV,
+                uinf=(UsbInterface(bInterfaceClass=8, bInterfaceSubClass=6, bInterfaceProtocol=0x50),),
+            ),
+        )
+    )
     client.receive_data(server.send(reply))
     assert drain(client) == [reply]
     assert client.phase is server.phase is Phase.DONE
@@ -139,7 +167,9 @@ def test_failed_import_ends_the_operation_and_further_bytes_are_a_phase_error(st
 def test_cmd_submit_before_import_is_a_remote_phase_error_naming_the_command():
     server = ServerConnection()
     server.receive_data(cmd_submit_bytes(1))
-    with pytest.raises(RemotePhaseError, match=r"USBIP_CMD_SUBMIT from the client is not allowed in phase OP"):
+    with pytest.raises(
+        RemotePhaseError, match=r"USBIP_CMD_SUBMIT from the client is not allowed in phase OP"
+    ):
         server.next_event()
 
 
@@ -188,8 +218,9 @@ def test_reply_of_the_wrong_operation_is_a_remote_phase_error_on_the_client():
 def test_import_reply_for_another_busid_is_a_remote_field_error_like_usbip_attach():
     client = ClientConnection()
     client.send(OpReqImport(busid="1-1"))
-    other = UsbDevice(path="/sys/x", busid="2-1", busnum=2, devnum=1, speed=2, idVendor=1, idProduct=1,
-                      bcdDevice=1)
+    other = UsbDevice(
+        path="/sys/x", busid="2-1", busnum=2, devnum=1, speed=2, idVendor=1, idProduct=1, bcdDevice=1
+    )
     client.receive_data(pack(OpRepImport(udev=other)))
     with pytest.raises(RemoteFieldError, match=r"'2-1'.*'1-1'") as info:
         client.next_event()
@@ -208,7 +239,11 @@ def test_unknown_command_in_the_urb_phase_is_an_unknown_command_error():
     [
         ("server", RetSubmit(seqnum=1), "cannot send USBIP_RET_SUBMIT in phase OP"),
         ("server", OpRepImport(udev=UDEV), "cannot send OP_REP_IMPORT in phase OP"),
-        ("server", CmdSubmit(seqnum=1, devid=DEVID, direction=0, ep=0), "server does not send USBIP_CMD_SUBMIT"),
+        (
+            "server",
+            CmdSubmit(seqnum=1, devid=DEVID, direction=0, ep=0),
+            "server does not send USBIP_CMD_SUBMIT",
+        ),
         ("client", RetUnlink(seqnum=1), "client does not send USBIP_RET_UNLINK"),
         ("client", CmdUnlink(seqnum=2, unlink_seqnum=1), "cannot send USBIP_CMD_UNLINK in phase OP"),
         ("client", OpRepDevlist(), "client does not send OP_REP_DEVLIST"),
@@ -305,7 +340,9 @@ def test_ret_submit_longer_than_its_cmd_is_a_remote_length_mismatch():
     client, server = imported_pair()
     seqnum = submit(client, server, length=4)
     client.receive_data(pack(RetSubmit(seqnum=seqnum, actual_length=8, transfer_buffer=bytes(8))))
-    with pytest.raises(RemoteLengthMismatchError, match="exceeds the CMD_SUBMIT's transfer_buffer_length 4") as i:
+    with pytest.raises(
+        RemoteLengthMismatchError, match="exceeds the CMD_SUBMIT's transfer_buffer_length 4"
+    ) as i:
         client.next_event()
     assert i.value.field == "actual_length"
 
@@ -314,9 +351,19 @@ def test_iso_ret_with_more_packets_than_its_cmd_is_a_remote_field_error():
     client, server = imported_pair()
     seqnum = client.next_seqnum()
     isos = (IsoPacketDescriptor(offset=0, length=8),)
-    server.receive_data(client.send(CmdSubmit(seqnum=seqnum, devid=DEVID, direction=USBIP_DIR_IN, ep=3,
-                                              transfer_buffer_length=16, number_of_packets=1,
-                                              iso_packet_descriptors=isos)))
+    server.receive_data(
+        client.send(
+            CmdSubmit(
+                seqnum=seqnum,
+                devid=DEVID,
+                direction=USBIP_DIR_IN,
+                ep=3,
+                transfer_buffer_length=16,
+                number_of_packets=1,
+                iso_packet_descriptors=isos,
+            )
+        )
+    )
     drain(server)
     two = (IsoPacketDescriptor(offset=0, length=8), IsoPacketDescriptor(offset=8, length=8))
     client.receive_data(pack(RetSubmit(seqnum=seqnum, number_of_packets=2, iso_packet_descriptors=two)))
@@ -336,12 +383,20 @@ def test_server_must_send_actual_length_bytes_for_in_and_none_for_out():
     with pytest.raises(LocalLengthMismatchError, match="exceeds"):
         server.send(RetSubmit(seqnum=urb_out, actual_length=6))
     with pytest.raises(LocalFieldError, match="non-iso URB"):
-        server.send(RetSubmit(seqnum=urb_out, actual_length=5, number_of_packets=1,
-                              iso_packet_descriptors=(IsoPacketDescriptor(offset=0, length=5, actual_length=5),)))
+        server.send(
+            RetSubmit(
+                seqnum=urb_out,
+                actual_length=5,
+                number_of_packets=1,
+                iso_packet_descriptors=(IsoPacketDescriptor(offset=0, length=5, actual_length=5),),
+            )
+        )
     client.receive_data(server.send(RetSubmit(seqnum=urb_out, actual_length=5)))
     client.receive_data(server.send(RetSubmit(seqnum=urb_in, actual_length=4, transfer_buffer=b"data")))
-    assert drain(client) == [RetSubmit(seqnum=urb_out, actual_length=5),
-                             RetSubmit(seqnum=urb_in, actual_length=4, transfer_buffer=b"data")]
+    assert drain(client) == [
+        RetSubmit(seqnum=urb_out, actual_length=5),
+        RetSubmit(seqnum=urb_in, actual_length=4, transfer_buffer=b"data"),
+    ]
 
 
 def test_cmd_submit_above_the_connection_cap_is_refused_from_its_header():
@@ -349,8 +404,9 @@ def test_cmd_submit_above_the_connection_cap_is_refused_from_its_header():
     server.receive_data(pack(OpReqImport(busid="1-1")))
     drain(server)
     server.send(OpRepImport(udev=UDEV))
-    header = cmd_submit_bytes(1, direction=USBIP_DIR_OUT, transfer_buffer_length=2048,
-                              transfer_buffer=bytes(2048))[:48]
+    header = cmd_submit_bytes(
+        1, direction=USBIP_DIR_OUT, transfer_buffer_length=2048, transfer_buffer=bytes(2048)
+    )[:48]
     server.receive_data(header)
     with pytest.raises(LimitExceededError, match="2048 exceeds the cap 1024") as info:
         server.next_event()
@@ -379,7 +435,9 @@ def test_ret_submit_for_an_unlinked_urb_is_refused_and_leaves_the_state_as_it_wa
     client, server = imported_pair()
     target = submit(client, server, length=3)
     unlink_seqnum = unlink(client, server, target)
-    with pytest.raises(UnlinkedUrbError, match=f"unlinked by USBIP_CMD_UNLINK seqnum {unlink_seqnum}") as info:
+    with pytest.raises(
+        UnlinkedUrbError, match=f"unlinked by USBIP_CMD_UNLINK seqnum {unlink_seqnum}"
+    ) as info:
         server.send(RetSubmit(seqnum=target, actual_length=3, transfer_buffer=b"abc"))
     assert info.value.seqnum == target and isinstance(info.value, LocalSeqnumError)
     assert set(server.pending_seqnums) == {target} and dict(server.pending_unlinks) == {unlink_seqnum: target}
@@ -417,7 +475,9 @@ def test_ret_submit_after_a_cancelling_ret_unlink_is_a_remote_seqnum_error_like_
     client, server = imported_pair()
     target = submit(client, server)
     unlink_seqnum = unlink(client, server, target)
-    client.receive_data(pack(RetUnlink(seqnum=unlink_seqnum, status=-ECONNRESET)) + pack(RetSubmit(seqnum=target)))
+    client.receive_data(
+        pack(RetUnlink(seqnum=unlink_seqnum, status=-ECONNRESET)) + pack(RetSubmit(seqnum=target))
+    )
     assert client.next_event() == RetUnlink(seqnum=unlink_seqnum, status=-ECONNRESET)
     with pytest.raises(RemoteSeqnumError, match=f"seqnum {target}"):
         client.next_event()
@@ -483,7 +543,9 @@ def test_eof_in_the_middle_of_a_message_is_a_truncated_message_error_naming_it()
 
 def test_eof_in_the_middle_of_an_out_payload_is_a_truncated_message_error():
     _, server = imported_pair()
-    data = cmd_submit_bytes(1, direction=USBIP_DIR_OUT, transfer_buffer_length=100, transfer_buffer=bytes(100))
+    data = cmd_submit_bytes(
+        1, direction=USBIP_DIR_OUT, transfer_buffer_length=100, transfer_buffer=bytes(100)
+    )
     server.receive_data(data[:120])
     server.receive_data(b"")
     with pytest.raises(TruncatedMessageError, match="at least 148"):
@@ -590,23 +652,38 @@ class Pair:
             data, length = b"", draw(st.integers(0, 600))
         packets = iso_packets if iso_packets else draw(st.sampled_from([0, -1]))
         isos = tuple(IsoPacketDescriptor(offset=i * 8, length=8) for i in range(iso_packets))
-        return CmdSubmit(seqnum=seqnum, devid=DEVID, direction=direction, ep=2, transfer_buffer_length=length,
-                         number_of_packets=packets, transfer_buffer=data, iso_packet_descriptors=isos)
+        return CmdSubmit(
+            seqnum=seqnum,
+            devid=DEVID,
+            direction=direction,
+            ep=2,
+            transfer_buffer_length=length,
+            number_of_packets=packets,
+            transfer_buffer=data,
+            iso_packet_descriptors=isos,
+        )
 
     def make_ret(self, draw, cmd):
         if cmd.number_of_packets > 0:
             per_packet = cmd.transfer_buffer_length // cmd.number_of_packets
             lengths = [draw(st.integers(0, per_packet)) for _ in range(cmd.number_of_packets)]
             actual = sum(lengths)
-            isos = tuple(IsoPacketDescriptor(offset=i * per_packet, length=per_packet, actual_length=n)
-                         for i, n in enumerate(lengths))
+            isos = tuple(
+                IsoPacketDescriptor(offset=i * per_packet, length=per_packet, actual_length=n)
+                for i, n in enumerate(lengths)
+            )
         else:
             actual = draw(st.integers(0, cmd.transfer_buffer_length))
             isos = ()
         data = draw(st.binary(min_size=actual, max_size=actual)) if cmd.direction == USBIP_DIR_IN else b""
-        return RetSubmit(seqnum=cmd.seqnum, status=draw(st.sampled_from([0, -32, -71])), actual_length=actual,
-                         number_of_packets=cmd.number_of_packets, transfer_buffer=data,
-                         iso_packet_descriptors=isos)
+        return RetSubmit(
+            seqnum=cmd.seqnum,
+            status=draw(st.sampled_from([0, -32, -71])),
+            actual_length=actual,
+            number_of_packets=cmd.number_of_packets,
+            transfer_buffer=data,
+            iso_packet_descriptors=isos,
+        )
 
     def complete(self, draw, seqnum):
         """The app finishes URB `seqnum` the way stub_complete does (RET_UNLINK instead if unlinked)."""
@@ -737,20 +814,25 @@ class ConnectionPairMachine(RuleBasedStateMachine):
                     self.ended.add(target)
                     self.sent_data.pop(target, None)
 
-    @rule(data=st.data(), direction=st.sampled_from([USBIP_DIR_IN, USBIP_DIR_OUT]),
-          iso_packets=st.sampled_from([0, 0, 1, 3]))
+    @rule(
+        data=st.data(),
+        direction=st.sampled_from([USBIP_DIR_IN, USBIP_DIR_OUT]),
+        iso_packets=st.sampled_from([0, 0, 1, 3]),
+    )
     def submit(self, data, direction, iso_packets):
         cmd = self.pair.make_cmd(data.draw, direction, iso_packets)
         self.pair.client_send(cmd)
         self.submitted[cmd.seqnum] = cmd
 
-    @precondition(lambda self: any(s not in self.pair.client.unlinked_seqnums
-                                   for s in self.pair.client.pending_seqnums))
+    @precondition(
+        lambda self: any(s not in self.pair.client.unlinked_seqnums for s in self.pair.client.pending_seqnums)
+    )
     @rule(data=st.data())
     def unlink(self, data):
         client = self.pair.client
-        target = data.draw(st.sampled_from(sorted(s for s in client.pending_seqnums
-                                                  if s not in client.unlinked_seqnums)))
+        target = data.draw(
+            st.sampled_from(sorted(s for s in client.pending_seqnums if s not in client.unlinked_seqnums))
+        )
         seqnum = client.next_seqnum()
         self.pair.client_send(CmdUnlink(seqnum=seqnum, devid=DEVID, unlink_seqnum=target))
         self.unlink_targets[seqnum] = target
@@ -774,8 +856,11 @@ class ConnectionPairMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def unlink_racing_the_completion(self, data):
         """The server completes a URB while the client, not having read the RET_SUBMIT, unlinks it."""
-        seqnum = data.draw(st.sampled_from(sorted(s for s in self.pair.server_urbs
-                                                  if s not in self.pair.server.unlinked_seqnums)))
+        seqnum = data.draw(
+            st.sampled_from(
+                sorted(s for s in self.pair.server_urbs if s not in self.pair.server.unlinked_seqnums)
+            )
+        )
         self.pair.deliver_c2s()  # an earlier unlink of this URB may be in flight: let it land first
         if seqnum in self.pair.server.unlinked_seqnums or seqnum in self.pair.client.unlinked_seqnums:
             return
@@ -844,3 +929,11 @@ class ConnectionPairMachine(RuleBasedStateMachine):
 ConnectionPairMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
 test_connection_pair_state_machine_keeps_urbs_and_unlinks_consistent = ConnectionPairMachine.TestCase
 
+
+def test_trailing_data_returns_unconsumed_bytes_and_eof_for_handing_the_socket_on():
+    server = ServerConnection()
+    server.receive_data(pack(OpReqImport(busid="1-1")) + b"\x00\x00\x00\x01partial")
+    assert server.next_event() == OpReqImport(busid="1-1")
+    assert server.trailing_data == (b"\x00\x00\x00\x01partial", False)
+    server.receive_data(b"")
+    assert server.trailing_data[1] is True

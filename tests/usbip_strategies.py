@@ -38,9 +38,9 @@ def c_string(max_bytes: int) -> st.SearchStrategy[str]:
     return st.text(chars, max_size=max_bytes).filter(lambda s: len(s.encode()) <= max_bytes)
 
 
-def iso_descriptors(count: int, actual_lengths: list[int] | None = None) -> st.SearchStrategy[
-    tuple[IsoPacketDescriptor, ...]
-]:
+def iso_descriptors(
+    count: int, actual_lengths: list[int] | None = None
+) -> st.SearchStrategy[tuple[IsoPacketDescriptor, ...]]:
     if actual_lengths is None:
         actual = st.lists(st.just(0), min_size=count, max_size=count)
     else:
@@ -68,11 +68,19 @@ def cmd_submits(draw: st.DrawFn, *, devid: int | None = None) -> CmdSubmit:
         transfer_buffer_length = draw(st.integers(0, 1 << 20))
     isos = draw(iso_descriptors(number_of_packets)) if iso else ()
     return CmdSubmit(
-        seqnum=draw(u32), devid=draw(u32) if devid is None else devid, direction=direction,
-        ep=draw(st.integers(0, 15)), transfer_flags=draw(u32), transfer_buffer_length=transfer_buffer_length,
-        start_frame=draw(s32), number_of_packets=number_of_packets, interval=draw(s32),
-        setup=draw(st.binary(min_size=8, max_size=8)), transfer_buffer=transfer_buffer,
-        iso_packet_descriptors=isos)
+        seqnum=draw(u32),
+        devid=draw(u32) if devid is None else devid,
+        direction=direction,
+        ep=draw(st.integers(0, 15)),
+        transfer_flags=draw(u32),
+        transfer_buffer_length=transfer_buffer_length,
+        start_frame=draw(s32),
+        number_of_packets=number_of_packets,
+        interval=draw(s32),
+        setup=draw(st.binary(min_size=8, max_size=8)),
+        transfer_buffer=transfer_buffer,
+        iso_packet_descriptors=isos,
+    )
 
 
 @st.composite
@@ -89,12 +97,22 @@ def ret_submits_with_direction(draw: st.DrawFn) -> tuple[RetSubmit, int]:
         number_of_packets = draw(non_iso_packets)
         actual_length = draw(st.integers(0, 700))
         isos = ()
-    transfer_buffer = (draw(st.binary(min_size=actual_length, max_size=actual_length))
-                       if direction == USBIP_DIR_IN else b"")
+    transfer_buffer = (
+        draw(st.binary(min_size=actual_length, max_size=actual_length)) if direction == USBIP_DIR_IN else b""
+    )
     ret = RetSubmit(
-        seqnum=draw(u32), devid=draw(u32), direction=draw(u32), ep=draw(u32), status=draw(s32),
-        actual_length=actual_length, start_frame=draw(s32), number_of_packets=number_of_packets,
-        error_count=draw(s32), transfer_buffer=transfer_buffer, iso_packet_descriptors=isos)
+        seqnum=draw(u32),
+        devid=draw(u32),
+        direction=draw(u32),
+        ep=draw(u32),
+        status=draw(s32),
+        actual_length=actual_length,
+        start_frame=draw(s32),
+        number_of_packets=number_of_packets,
+        error_count=draw(s32),
+        transfer_buffer=transfer_buffer,
+        iso_packet_descriptors=isos,
+    )
     return ret, direction
 
 
@@ -105,11 +123,21 @@ ret_unlinks = st.builds(RetUnlink, seqnum=u32, devid=u32, direction=u32, ep=u32,
 @st.composite
 def usb_devices(draw: st.DrawFn, num_interfaces: int | None = None) -> UsbDevice:
     return UsbDevice(
-        path=draw(c_string(255)), busid=draw(c_string(31)), busnum=draw(u32), devnum=draw(u32),
-        speed=draw(u32), idVendor=draw(u16), idProduct=draw(u16), bcdDevice=draw(u16), bDeviceClass=draw(u8),
-        bDeviceSubClass=draw(u8), bDeviceProtocol=draw(u8), bConfigurationValue=draw(u8),
+        path=draw(c_string(255)),
+        busid=draw(c_string(31)),
+        busnum=draw(u32),
+        devnum=draw(u32),
+        speed=draw(u32),
+        idVendor=draw(u16),
+        idProduct=draw(u16),
+        bcdDevice=draw(u16),
+        bDeviceClass=draw(u8),
+        bDeviceSubClass=draw(u8),
+        bDeviceProtocol=draw(u8),
+        bConfigurationValue=draw(u8),
         bNumConfigurations=draw(u8),
-        bNumInterfaces=draw(st.integers(0, 32)) if num_interfaces is None else num_interfaces)
+        bNumInterfaces=draw(st.integers(0, 32)) if num_interfaces is None else num_interfaces,
+    )
 
 
 usb_interfaces = st.builds(UsbInterface, bInterfaceClass=u8, bInterfaceSubClass=u8, bInterfaceProtocol=u8)

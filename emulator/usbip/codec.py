@@ -152,23 +152,51 @@ _OP_TYPES: Final[dict[int, type[Message]]] = {
 }
 
 # Field layouts (name, byte offset, signed) for error locations and for diagnosing struct.error on pack.
-_BASIC_FIELDS = (("command", 0, False), ("seqnum", 4, False), ("devid", 8, False), ("direction", 12, False),
-                 ("ep", 16, False))
-_CMD_SUBMIT_FIELDS = (*_BASIC_FIELDS, ("transfer_flags", 20, False), ("transfer_buffer_length", 24, True),
-                      ("start_frame", 28, True), ("number_of_packets", 32, True), ("interval", 36, True))
-_RET_SUBMIT_FIELDS = (*_BASIC_FIELDS, ("status", 20, True), ("actual_length", 24, True),
-                      ("start_frame", 28, True), ("number_of_packets", 32, True), ("error_count", 36, True))
+_BASIC_FIELDS = (
+    ("command", 0, False),
+    ("seqnum", 4, False),
+    ("devid", 8, False),
+    ("direction", 12, False),
+    ("ep", 16, False),
+)
+_CMD_SUBMIT_FIELDS = (
+    *_BASIC_FIELDS,
+    ("transfer_flags", 20, False),
+    ("transfer_buffer_length", 24, True),
+    ("start_frame", 28, True),
+    ("number_of_packets", 32, True),
+    ("interval", 36, True),
+)
+_RET_SUBMIT_FIELDS = (
+    *_BASIC_FIELDS,
+    ("status", 20, True),
+    ("actual_length", 24, True),
+    ("start_frame", 28, True),
+    ("number_of_packets", 32, True),
+    ("error_count", 36, True),
+)
 _CMD_UNLINK_FIELDS = (*_BASIC_FIELDS, ("unlink_seqnum", 20, False))
 _RET_UNLINK_FIELDS = (*_BASIC_FIELDS, ("status", 20, True))
 _ISO_FIELDS = (("offset", 0, False), ("length", 4, False), ("actual_length", 8, False), ("status", 12, True))
-_USB_DEVICE_INT_FIELDS = (("busnum", 288, 32, False), ("devnum", 292, 32, False), ("speed", 296, 32, False),
-                          ("idVendor", 300, 16, False), ("idProduct", 302, 16, False),
-                          ("bcdDevice", 304, 16, False), ("bDeviceClass", 306, 8, False),
-                          ("bDeviceSubClass", 307, 8, False), ("bDeviceProtocol", 308, 8, False),
-                          ("bConfigurationValue", 309, 8, False), ("bNumConfigurations", 310, 8, False),
-                          ("bNumInterfaces", 311, 8, False))
-_USB_INTERFACE_FIELDS = (("bInterfaceClass", 0, 8, False), ("bInterfaceSubClass", 1, 8, False),
-                         ("bInterfaceProtocol", 2, 8, False))
+_USB_DEVICE_INT_FIELDS = (
+    ("busnum", 288, 32, False),
+    ("devnum", 292, 32, False),
+    ("speed", 296, 32, False),
+    ("idVendor", 300, 16, False),
+    ("idProduct", 302, 16, False),
+    ("bcdDevice", 304, 16, False),
+    ("bDeviceClass", 306, 8, False),
+    ("bDeviceSubClass", 307, 8, False),
+    ("bDeviceProtocol", 308, 8, False),
+    ("bConfigurationValue", 309, 8, False),
+    ("bNumConfigurations", 310, 8, False),
+    ("bNumInterfaces", 311, 8, False),
+)
+_USB_INTERFACE_FIELDS = (
+    ("bInterfaceClass", 0, 8, False),
+    ("bInterfaceSubClass", 1, 8, False),
+    ("bInterfaceProtocol", 2, 8, False),
+)
 
 
 def message_name(message_type: type[Message]) -> str:
@@ -184,16 +212,28 @@ def _at(name: str, seqnum: int | None, field: str, rel: int, base: int) -> str:
 def _remote_field(
     what: str, name: str, seqnum: int | None, field: str, rel: int, base: int
 ) -> RemoteFieldError:
-    return RemoteFieldError(f"{what} ({_at(name, seqnum, field, rel, base)})", field=field,
-                            offset=base + rel, seqnum=seqnum)
+    return RemoteFieldError(
+        f"{what} ({_at(name, seqnum, field, rel, base)})", field=field, offset=base + rel, seqnum=seqnum
+    )
 
 
 def _limit(
-    what: str, value: int, cap: int, capname: str, name: str, seqnum: int | None, field: str, rel: int, base: int
+    what: str,
+    value: int,
+    cap: int,
+    capname: str,
+    name: str,
+    seqnum: int | None,
+    field: str,
+    rel: int,
+    base: int,
 ) -> LimitExceededError:
     return LimitExceededError(
         f"{what} {value} exceeds the cap {cap} (Limits.{capname}) ({_at(name, seqnum, field, rel, base)})",
-        field=field, offset=base + rel, seqnum=seqnum)
+        field=field,
+        offset=base + rel,
+        seqnum=seqnum,
+    )
 
 
 def _take(buf: Buffer, start: int, stop: int) -> bytes:
@@ -230,23 +270,33 @@ def peek_message_type(buf: Buffer, pos: int, base: int, *, urb_phase: bool) -> t
             known = ""
         raise UnknownCommandError(
             f"unknown op code {second:#06x}{known} (field code at byte 2 of the message, stream offset "
-            f"{base + 2})", field="code", offset=base + 2)
+            f"{base + 2})",
+            field="code",
+            offset=base + 2,
+        )
     if urb_phase or first == 0:
         command = (first << 16) | second
         raise UnknownCommandError(
             f"unknown USB/IP command {command:#010x}: expected USBIP_CMD_SUBMIT (1), USBIP_CMD_UNLINK (2), "
             f"USBIP_RET_SUBMIT (3) or USBIP_RET_UNLINK (4) (field command at byte 0 of the message, stream "
-            f"offset {base})", field="command", offset=base)
+            f"offset {base})",
+            field="command",
+            offset=base,
+        )
     raise VersionMismatchError(
         f"op_common version {first:#06x}, expected USBIP_VERSION {USBIP_VERSION:#06x} (field version at "
-        f"byte 0 of the message, stream offset {base})", field="version", offset=base)
+        f"byte 0 of the message, stream offset {base})",
+        field="version",
+        offset=base,
+    )
 
 
 def unpack_header_basic(data: Buffer, pos: int = 0) -> HeaderBasic:
     """The usbip_header_basic at data[pos] (20 bytes), without interpreting the rest."""
     if len(data) - pos < _HEADER_BASIC.size:
         raise TruncatedMessageError(
-            f"usbip_header_basic needs {_HEADER_BASIC.size} bytes, got {max(0, len(data) - pos)}")
+            f"usbip_header_basic needs {_HEADER_BASIC.size} bytes, got {max(0, len(data) - pos)}"
+        )
     command, seqnum, devid, direction, ep = _HEADER_BASIC.unpack_from(data, pos)
     return HeaderBasic(command=command, seqnum=seqnum, devid=devid, direction=direction, ep=ep)
 
@@ -268,33 +318,81 @@ def read_cmd_submit(
     """USBIP_CMD_SUBMIT at buf[pos] (the direction is in its own header)."""
     if len(buf) - pos < _HDR:
         return _HDR
-    (_, seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length, start_frame, number_of_packets,
-     interval, setup) = _CMD_SUBMIT.unpack_from(buf, pos)
+    (
+        _,
+        seqnum,
+        devid,
+        direction,
+        ep,
+        transfer_flags,
+        transfer_buffer_length,
+        start_frame,
+        number_of_packets,
+        interval,
+        setup,
+    ) = _CMD_SUBMIT.unpack_from(buf, pos)
     name = "USBIP_CMD_SUBMIT"
     if direction == USBIP_DIR_OUT:
         payload = transfer_buffer_length
     elif direction == USBIP_DIR_IN:
         payload = 0
     else:
-        raise _remote_field(f"direction {direction} is neither USBIP_DIR_OUT (0) nor USBIP_DIR_IN (1)",
-                            name, seqnum, "direction", 12, base)
+        raise _remote_field(
+            f"direction {direction} is neither USBIP_DIR_OUT (0) nor USBIP_DIR_IN (1)",
+            name,
+            seqnum,
+            "direction",
+            12,
+            base,
+        )
     if ep > 15:
-        raise _remote_field(f"ep {ep} is not an endpoint number 0..15 (stub_rx.c get_pipe)",
-                            name, seqnum, "ep", 16, base)
+        raise _remote_field(
+            f"ep {ep} is not an endpoint number 0..15 (stub_rx.c get_pipe)", name, seqnum, "ep", 16, base
+        )
     if transfer_buffer_length < 0:
-        raise _remote_field(f"transfer_buffer_length {transfer_buffer_length} is negative",
-                            name, seqnum, "transfer_buffer_length", 24, base)
+        raise _remote_field(
+            f"transfer_buffer_length {transfer_buffer_length} is negative",
+            name,
+            seqnum,
+            "transfer_buffer_length",
+            24,
+            base,
+        )
     if transfer_buffer_length > limits.max_transfer_buffer_length:
-        raise _limit("transfer_buffer_length", transfer_buffer_length, limits.max_transfer_buffer_length,
-                     "max_transfer_buffer_length", name, seqnum, "transfer_buffer_length", 24, base)
+        raise _limit(
+            "transfer_buffer_length",
+            transfer_buffer_length,
+            limits.max_transfer_buffer_length,
+            "max_transfer_buffer_length",
+            name,
+            seqnum,
+            "transfer_buffer_length",
+            24,
+            base,
+        )
     if number_of_packets > 0:
         if number_of_packets > limits.max_number_of_packets:
-            raise _limit("number_of_packets", number_of_packets, limits.max_number_of_packets,
-                         "max_number_of_packets", name, seqnum, "number_of_packets", 32, base)
+            raise _limit(
+                "number_of_packets",
+                number_of_packets,
+                limits.max_number_of_packets,
+                "max_number_of_packets",
+                name,
+                seqnum,
+                "number_of_packets",
+                32,
+                base,
+            )
         niso = number_of_packets
     elif number_of_packets < -1:
-        raise _remote_field(f"number_of_packets {number_of_packets} is negative (only -1, 0xffffffff, "
-                            "marks a non-iso URB)", name, seqnum, "number_of_packets", 32, base)
+        raise _remote_field(
+            f"number_of_packets {number_of_packets} is negative (only -1, 0xffffffff, marks a non-iso URB)",
+            name,
+            seqnum,
+            "number_of_packets",
+            32,
+            base,
+        )
     else:
         niso = 0
     total: int = _HDR + payload + niso * _ISO_SIZE
@@ -304,10 +402,19 @@ def read_cmd_submit(
     transfer_buffer = _take(buf, start, start + payload) if payload else b""
     isos = _read_isos(buf, start + payload, niso) if niso else ()
     message = CmdSubmit(
-        seqnum=seqnum, devid=devid, direction=direction, ep=ep, transfer_flags=transfer_flags,
-        transfer_buffer_length=transfer_buffer_length, start_frame=start_frame,
-        number_of_packets=number_of_packets, interval=interval, setup=setup, transfer_buffer=transfer_buffer,
-        iso_packet_descriptors=isos)
+        seqnum=seqnum,
+        devid=devid,
+        direction=direction,
+        ep=ep,
+        transfer_flags=transfer_flags,
+        transfer_buffer_length=transfer_buffer_length,
+        start_frame=start_frame,
+        number_of_packets=number_of_packets,
+        interval=interval,
+        setup=setup,
+        transfer_buffer=transfer_buffer,
+        iso_packet_descriptors=isos,
+    )
     return message, total
 
 
@@ -317,23 +424,49 @@ def read_ret_submit(
     """USBIP_RET_SUBMIT at buf[pos]; `direction_of(seqnum)` tells whether an IN buffer follows."""
     if len(buf) - pos < _HDR:
         return _HDR
-    (_, seqnum, devid, direction, ep, status, actual_length, start_frame, number_of_packets,
-     error_count) = _RET_SUBMIT.unpack_from(buf, pos)
+    (_, seqnum, devid, direction, ep, status, actual_length, start_frame, number_of_packets, error_count) = (
+        _RET_SUBMIT.unpack_from(buf, pos)
+    )
     name = "USBIP_RET_SUBMIT"
     if actual_length < 0:
-        raise _remote_field(f"actual_length {actual_length} is negative", name, seqnum, "actual_length", 24,
-                            base)
+        raise _remote_field(
+            f"actual_length {actual_length} is negative", name, seqnum, "actual_length", 24, base
+        )
     if actual_length > limits.max_transfer_buffer_length:
-        raise _limit("actual_length", actual_length, limits.max_transfer_buffer_length,
-                     "max_transfer_buffer_length", name, seqnum, "actual_length", 24, base)
+        raise _limit(
+            "actual_length",
+            actual_length,
+            limits.max_transfer_buffer_length,
+            "max_transfer_buffer_length",
+            name,
+            seqnum,
+            "actual_length",
+            24,
+            base,
+        )
     if number_of_packets > 0:
         if number_of_packets > limits.max_number_of_packets:
-            raise _limit("number_of_packets", number_of_packets, limits.max_number_of_packets,
-                         "max_number_of_packets", name, seqnum, "number_of_packets", 32, base)
+            raise _limit(
+                "number_of_packets",
+                number_of_packets,
+                limits.max_number_of_packets,
+                "max_number_of_packets",
+                name,
+                seqnum,
+                "number_of_packets",
+                32,
+                base,
+            )
         niso = number_of_packets
     elif number_of_packets < -1:
-        raise _remote_field(f"number_of_packets {number_of_packets} is negative (only -1, 0xffffffff, "
-                            "marks a non-iso URB)", name, seqnum, "number_of_packets", 32, base)
+        raise _remote_field(
+            f"number_of_packets {number_of_packets} is negative (only -1, 0xffffffff, marks a non-iso URB)",
+            name,
+            seqnum,
+            "number_of_packets",
+            32,
+            base,
+        )
     else:
         niso = 0
     if direction_of is None:
@@ -352,11 +485,23 @@ def read_ret_submit(
             raise RemoteLengthMismatchError(
                 f"iso packets' actual_length add up to {iso_total}, not to actual_length {actual_length} "
                 f"({_at(name, seqnum, 'actual_length', 24, base)})",
-                field="actual_length", offset=base + 24, seqnum=seqnum)
+                field="actual_length",
+                offset=base + 24,
+                seqnum=seqnum,
+            )
     message = RetSubmit(
-        seqnum=seqnum, devid=devid, direction=direction, ep=ep, status=status, actual_length=actual_length,
-        start_frame=start_frame, number_of_packets=number_of_packets, error_count=error_count,
-        transfer_buffer=transfer_buffer, iso_packet_descriptors=isos)
+        seqnum=seqnum,
+        devid=devid,
+        direction=direction,
+        ep=ep,
+        status=status,
+        actual_length=actual_length,
+        start_frame=start_frame,
+        number_of_packets=number_of_packets,
+        error_count=error_count,
+        transfer_buffer=transfer_buffer,
+        iso_packet_descriptors=isos,
+    )
     return message, total
 
 
@@ -367,7 +512,9 @@ def read_cmd_unlink(
     if len(buf) - pos < _HDR:
         return _HDR
     _, seqnum, devid, direction, ep, unlink_seqnum = _CMD_UNLINK.unpack_from(buf, pos)
-    return CmdUnlink(seqnum=seqnum, devid=devid, direction=direction, ep=ep, unlink_seqnum=unlink_seqnum), _HDR
+    return CmdUnlink(
+        seqnum=seqnum, devid=devid, direction=direction, ep=ep, unlink_seqnum=unlink_seqnum
+    ), _HDR
 
 
 def read_ret_unlink(
@@ -390,8 +537,9 @@ def _request_status(buf: Buffer, pos: int, base: int, name: str) -> None:
 def _decode_str(raw: bytes, name: str, field: str, rel: int, base: int) -> str:
     nul = raw.find(b"\0")
     if nul < 0:
-        raise _remote_field(f"{field} fills all {len(raw)} bytes without a terminating NUL", name, None,
-                            field, rel, base)
+        raise _remote_field(
+            f"{field} fills all {len(raw)} bytes without a terminating NUL", name, None, field, rel, base
+        )
     return raw[:nul].decode("utf-8", "surrogateescape")
 
 
@@ -419,16 +567,38 @@ def read_op_req_import(
 
 
 def _read_usb_device(buf: Buffer, pos: int, base: int, name: str) -> UsbDevice:
-    (raw_path, raw_busid, busnum, devnum, speed, id_vendor, id_product, bcd_device, device_class,
-     device_subclass, device_protocol, configuration_value, num_configurations,
-     num_interfaces) = _USB_DEVICE.unpack_from(buf, pos)
+    (
+        raw_path,
+        raw_busid,
+        busnum,
+        devnum,
+        speed,
+        id_vendor,
+        id_product,
+        bcd_device,
+        device_class,
+        device_subclass,
+        device_protocol,
+        configuration_value,
+        num_configurations,
+        num_interfaces,
+    ) = _USB_DEVICE.unpack_from(buf, pos)
     return UsbDevice(
         path=_decode_str(raw_path, name, "path", 0, base),
         busid=_decode_str(raw_busid, name, "busid", SYSFS_PATH_MAX, base),
-        busnum=busnum, devnum=devnum, speed=speed, idVendor=id_vendor, idProduct=id_product,
-        bcdDevice=bcd_device, bDeviceClass=device_class, bDeviceSubClass=device_subclass,
-        bDeviceProtocol=device_protocol, bConfigurationValue=configuration_value,
-        bNumConfigurations=num_configurations, bNumInterfaces=num_interfaces)
+        busnum=busnum,
+        devnum=devnum,
+        speed=speed,
+        idVendor=id_vendor,
+        idProduct=id_product,
+        bcdDevice=bcd_device,
+        bDeviceClass=device_class,
+        bDeviceSubClass=device_subclass,
+        bDeviceProtocol=device_protocol,
+        bConfigurationValue=configuration_value,
+        bNumConfigurations=num_configurations,
+        bNumInterfaces=num_interfaces,
+    )
 
 
 def read_op_rep_import(
@@ -461,8 +631,17 @@ def read_op_rep_devlist(
         return need
     (ndev,) = _NDEV.unpack_from(buf, pos + OP_COMMON_SIZE)
     if ndev > limits.max_devices:
-        raise _limit("ndev", ndev, limits.max_devices, "max_devices", "OP_REP_DEVLIST", None, "ndev",
-                     OP_COMMON_SIZE, base)
+        raise _limit(
+            "ndev",
+            ndev,
+            limits.max_devices,
+            "max_devices",
+            "OP_REP_DEVLIST",
+            None,
+            "ndev",
+            OP_COMMON_SIZE,
+            base,
+        )
     devices: list[OpDevlistReplyExtra] = []
     for index in range(ndev):
         rel = need
@@ -471,9 +650,17 @@ def read_op_rep_devlist(
             return need
         num_interfaces = buf[pos + rel + USBIP_USB_DEVICE_SIZE - 1]
         if num_interfaces > limits.max_interfaces:
-            raise _limit(f"device {index} bNumInterfaces", num_interfaces, limits.max_interfaces,
-                         "max_interfaces", "OP_REP_DEVLIST", None, "bNumInterfaces",
-                         rel + USBIP_USB_DEVICE_SIZE - 1, base)
+            raise _limit(
+                f"device {index} bNumInterfaces",
+                num_interfaces,
+                limits.max_interfaces,
+                "max_interfaces",
+                "OP_REP_DEVLIST",
+                None,
+                "bNumInterfaces",
+                rel + USBIP_USB_DEVICE_SIZE - 1,
+                base,
+            )
         need += num_interfaces * USBIP_USB_INTERFACE_SIZE
         if len(buf) - pos < need:
             return need
@@ -481,7 +668,9 @@ def read_op_rep_devlist(
         uinf = tuple(
             UsbInterface(bInterfaceClass=c, bInterfaceSubClass=s, bInterfaceProtocol=p)
             for c, s, p in (
-                _USB_INTERFACE.unpack_from(buf, pos + rel + USBIP_USB_DEVICE_SIZE + i * USBIP_USB_INTERFACE_SIZE)
+                _USB_INTERFACE.unpack_from(
+                    buf, pos + rel + USBIP_USB_DEVICE_SIZE + i * USBIP_USB_INTERFACE_SIZE
+                )
                 for i in range(num_interfaces)
             )
         )
@@ -520,8 +709,9 @@ def unpack(data: Buffer, *, direction: int | None = None, limits: Limits = DEFAU
     from the length (a buffer of actual_length bytes present means IN).
     """
     if len(data) < 4:
-        raise TruncatedMessageError(f"{len(data)} bytes cannot hold a USB/IP message (at least 8 needed)",
-                                    offset=len(data))
+        raise TruncatedMessageError(
+            f"{len(data)} bytes cannot hold a USB/IP message (at least 8 needed)", offset=len(data)
+        )
     (first,) = struct.unpack_from(">H", data, 0)
     message_type = peek_message_type(data, 0, 0, urb_phase=first == 0)
     assert message_type is not None
@@ -532,12 +722,15 @@ def unpack(data: Buffer, *, direction: int | None = None, limits: Limits = DEFAU
         result = READERS[message_type](data, 0, 0, limits, None)
     name = message_name(message_type)
     if isinstance(result, int):
-        raise TruncatedMessageError(f"{name}: {len(data)} bytes given, the message needs at least {result}",
-                                    offset=len(data))
+        raise TruncatedMessageError(
+            f"{name}: {len(data)} bytes given, the message needs at least {result}", offset=len(data)
+        )
     message, consumed = result
     if consumed != len(data):
-        raise TrailingDataError(f"{name}: {len(data) - consumed} bytes after the end of the message "
-                                f"(stream offset {consumed})", offset=consumed)
+        raise TrailingDataError(
+            f"{name}: {len(data) - consumed} bytes after the end of the message (stream offset {consumed})",
+            offset=consumed,
+        )
     return message
 
 
@@ -545,17 +738,24 @@ def unpack(data: Buffer, *, direction: int | None = None, limits: Limits = DEFAU
 
 
 def _diagnose(
-    name: str, seqnum: int | None, fields: Iterable[tuple[str, int, bool]], values: Iterable[object],
-    prefix: str = "", error: struct.error | None = None,
+    name: str,
+    seqnum: int | None,
+    fields: Iterable[tuple[str, int, bool]],
+    values: Iterable[object],
+    prefix: str = "",
+    error: struct.error | None = None,
 ) -> LocalFieldError:
     """Find which field made struct.pack fail and say so."""
     for (field, rel, signed), value in zip(fields, values, strict=False):
         lo, hi = (-(1 << 31), (1 << 31) - 1) if signed else (0, _U32_MAX)
         if not isinstance(value, int) or not lo <= value <= hi:
             kind = "__s32" if signed else "__u32"
-            return LocalFieldError(f"{name}{'' if seqnum is None else f' seqnum {seqnum}'}: {prefix}{field} "
-                                   f"{value!r} does not fit {kind} (byte {rel} of the message)",
-                                   field=prefix + field, seqnum=seqnum)
+            return LocalFieldError(
+                f"{name}{'' if seqnum is None else f' seqnum {seqnum}'}: {prefix}{field} "
+                f"{value!r} does not fit {kind} (byte {rel} of the message)",
+                field=prefix + field,
+                seqnum=seqnum,
+            )
     return LocalFieldError(f"{name}: cannot pack: {error}", seqnum=seqnum)
 
 
@@ -574,21 +774,30 @@ def _pack_isos(name: str, seqnum: int, isos: tuple[IsoPacketDescriptor, ...]) ->
             try:
                 pack(*values)
             except struct.error:
-                raise _diagnose(name, seqnum, _ISO_FIELDS, values, f"iso_packet_descriptors[{i}].",
-                                error) from None
+                raise _diagnose(
+                    name, seqnum, _ISO_FIELDS, values, f"iso_packet_descriptors[{i}].", error
+                ) from None
         raise  # pragma: no cover - join failed although every descriptor packs
 
 
-def _check_packets(name: str, seqnum: int, number_of_packets: int, isos: tuple[IsoPacketDescriptor, ...]) -> int:
+def _check_packets(
+    name: str, seqnum: int, number_of_packets: int, isos: tuple[IsoPacketDescriptor, ...]
+) -> int:
     if not isinstance(number_of_packets, int) or number_of_packets < -1:
-        raise _local_field(f"number_of_packets {number_of_packets!r} must be > 0 (iso), 0 or -1 (non-iso)",
-                           name, seqnum, "number_of_packets")
+        raise _local_field(
+            f"number_of_packets {number_of_packets!r} must be > 0 (iso), 0 or -1 (non-iso)",
+            name,
+            seqnum,
+            "number_of_packets",
+        )
     niso = number_of_packets if number_of_packets > 0 else 0
     if len(isos) != niso:
         raise LocalLengthMismatchError(
             f"{name} seqnum {seqnum}: number_of_packets {number_of_packets} announces {niso} iso packet "
             f"descriptors, {len(isos)} given (field iso_packet_descriptors)",
-            field="iso_packet_descriptors", seqnum=seqnum)
+            field="iso_packet_descriptors",
+            seqnum=seqnum,
+        )
     return niso
 
 
@@ -599,27 +808,50 @@ def _pack_cmd_submit(m: CmdSubmit) -> bytes:
         if len(tb) != m.transfer_buffer_length:
             raise LocalLengthMismatchError(
                 f"{name} seqnum {seqnum}: OUT transfer_buffer holds {len(tb)} bytes, transfer_buffer_length "
-                f"says {m.transfer_buffer_length} (field transfer_buffer)", field="transfer_buffer",
-                seqnum=seqnum)
+                f"says {m.transfer_buffer_length} (field transfer_buffer)",
+                field="transfer_buffer",
+                seqnum=seqnum,
+            )
     elif m.direction == USBIP_DIR_IN:
         if tb:
             raise LocalLengthMismatchError(
                 f"{name} seqnum {seqnum}: an IN CMD_SUBMIT carries no data, got a {len(tb)}-byte "
-                "transfer_buffer (field transfer_buffer)", field="transfer_buffer", seqnum=seqnum)
+                "transfer_buffer (field transfer_buffer)",
+                field="transfer_buffer",
+                seqnum=seqnum,
+            )
     else:
-        raise _local_field(f"direction {m.direction!r} is neither USBIP_DIR_OUT (0) nor USBIP_DIR_IN (1)",
-                           name, seqnum, "direction")
+        raise _local_field(
+            f"direction {m.direction!r} is neither USBIP_DIR_OUT (0) nor USBIP_DIR_IN (1)",
+            name,
+            seqnum,
+            "direction",
+        )
     if not isinstance(m.ep, int) or not 0 <= m.ep <= 15:
         raise _local_field(f"ep {m.ep!r} is not an endpoint number 0..15", name, seqnum, "ep")
     if not isinstance(m.transfer_buffer_length, int) or m.transfer_buffer_length < 0:
-        raise _local_field(f"transfer_buffer_length {m.transfer_buffer_length!r} must be >= 0", name, seqnum,
-                           "transfer_buffer_length")
+        raise _local_field(
+            f"transfer_buffer_length {m.transfer_buffer_length!r} must be >= 0",
+            name,
+            seqnum,
+            "transfer_buffer_length",
+        )
     if type(m.setup) is not bytes or len(m.setup) != 8:
         raise _local_field(f"setup must be 8 bytes, got {m.setup!r}", name, seqnum, "setup")
     isos = m.iso_packet_descriptors
     niso = _check_packets(name, seqnum, m.number_of_packets, isos)
-    values = (USBIP_CMD_SUBMIT, seqnum, m.devid, m.direction, m.ep, m.transfer_flags, m.transfer_buffer_length,
-              m.start_frame, m.number_of_packets, m.interval)
+    values = (
+        USBIP_CMD_SUBMIT,
+        seqnum,
+        m.devid,
+        m.direction,
+        m.ep,
+        m.transfer_flags,
+        m.transfer_buffer_length,
+        m.start_frame,
+        m.number_of_packets,
+        m.interval,
+    )
     try:
         header = _CMD_SUBMIT.pack(*values, m.setup)
     except struct.error as error:
@@ -638,7 +870,10 @@ def _pack_ret_submit(m: RetSubmit) -> bytes:
     if tb and len(tb) != actual_length:
         raise LocalLengthMismatchError(
             f"{name} seqnum {seqnum}: IN transfer_buffer holds {len(tb)} bytes, actual_length says "
-            f"{actual_length} (field transfer_buffer)", field="transfer_buffer", seqnum=seqnum)
+            f"{actual_length} (field transfer_buffer)",
+            field="transfer_buffer",
+            seqnum=seqnum,
+        )
     isos = m.iso_packet_descriptors
     niso = _check_packets(name, seqnum, m.number_of_packets, isos)
     if niso:
@@ -646,9 +881,22 @@ def _pack_ret_submit(m: RetSubmit) -> bytes:
         if iso_total != actual_length:
             raise LocalLengthMismatchError(
                 f"{name} seqnum {seqnum}: iso packets' actual_length add up to {iso_total}, not to "
-                f"actual_length {actual_length} (field actual_length)", field="actual_length", seqnum=seqnum)
-    values = (USBIP_RET_SUBMIT, seqnum, m.devid, m.direction, m.ep, m.status, actual_length, m.start_frame,
-              m.number_of_packets, m.error_count)
+                f"actual_length {actual_length} (field actual_length)",
+                field="actual_length",
+                seqnum=seqnum,
+            )
+    values = (
+        USBIP_RET_SUBMIT,
+        seqnum,
+        m.devid,
+        m.direction,
+        m.ep,
+        m.status,
+        actual_length,
+        m.start_frame,
+        m.number_of_packets,
+        m.error_count,
+    )
     try:
         header = _RET_SUBMIT.pack(*values)
     except struct.error as error:
@@ -679,8 +927,13 @@ def _encode_str(value: object, size: int, name: str, field: str) -> bytes:
         raise _local_field(f"{field} must be a str, got {value!r}", name, None, field)
     raw = value.encode("utf-8", "surrogateescape")
     if b"\0" in raw or len(raw) >= size:
-        raise _local_field(f"{field} {value!r} must encode to at most {size - 1} bytes without NUL "
-                           f"(a {size}-byte field closed by a zero byte)", name, None, field)
+        raise _local_field(
+            f"{field} {value!r} must encode to at most {size - 1} bytes without NUL "
+            f"(a {size}-byte field closed by a zero byte)",
+            name,
+            None,
+            field,
+        )
     return raw
 
 
@@ -693,9 +946,20 @@ def _op_status(status: object, name: str) -> int:
 def _pack_usb_device(udev: UsbDevice, name: str, prefix: str) -> bytes:
     path = _encode_str(udev.path, SYSFS_PATH_MAX, name, prefix + "path")
     busid = _encode_str(udev.busid, SYSFS_BUS_ID_SIZE, name, prefix + "busid")
-    values = (udev.busnum, udev.devnum, udev.speed, udev.idVendor, udev.idProduct, udev.bcdDevice,
-              udev.bDeviceClass, udev.bDeviceSubClass, udev.bDeviceProtocol, udev.bConfigurationValue,
-              udev.bNumConfigurations, udev.bNumInterfaces)
+    values = (
+        udev.busnum,
+        udev.devnum,
+        udev.speed,
+        udev.idVendor,
+        udev.idProduct,
+        udev.bcdDevice,
+        udev.bDeviceClass,
+        udev.bDeviceSubClass,
+        udev.bDeviceProtocol,
+        udev.bConfigurationValue,
+        udev.bNumConfigurations,
+        udev.bNumInterfaces,
+    )
     try:
         return _USB_DEVICE.pack(path, busid, *values)
     except struct.error:
@@ -707,8 +971,9 @@ def _diagnose_sized(
 ) -> LocalFieldError:
     for (field, _rel, bits, _signed), value in zip(fields, values, strict=False):
         if not isinstance(value, int) or not 0 <= value < (1 << bits):
-            return _local_field(f"{field} {value!r} does not fit an unsigned {bits}-bit field", name, None,
-                                prefix + field)
+            return _local_field(
+                f"{field} {value!r} does not fit an unsigned {bits}-bit field", name, None, prefix + field
+            )
     return _local_field("cannot pack", name, None, prefix.rstrip("."))  # pragma: no cover
 
 
@@ -727,8 +992,12 @@ def _pack_op_rep_import(m: OpRepImport) -> bytes:
     header = _OP_COMMON.pack(USBIP_VERSION, OpCode.OP_REP_IMPORT, status)
     if status != 0:
         if m.udev is not None:
-            raise _local_field(f"a failed import (status {status}) carries no device: usbipd sends only "
-                               "op_common", name, None, "udev")
+            raise _local_field(
+                f"a failed import (status {status}) carries no device: usbipd sends only op_common",
+                name,
+                None,
+                "udev",
+            )
         return header
     if m.udev is None:
         raise _local_field("a successful import (status ST_OK) must describe the device", name, None, "udev")
@@ -741,7 +1010,9 @@ def _pack_op_rep_devlist(m: OpRepDevlist) -> bytes:
     header = _OP_COMMON.pack(USBIP_VERSION, OpCode.OP_REP_DEVLIST, status)
     if status != 0:
         if m.devices:
-            raise _local_field(f"a failed devlist (status {status}) carries no devices", name, None, "devices")
+            raise _local_field(
+                f"a failed devlist (status {status}) carries no devices", name, None, "devices"
+            )
         return header
     parts = [header, _NDEV.pack(len(m.devices))]
     for index, extra in enumerate(m.devices):
@@ -750,7 +1021,9 @@ def _pack_op_rep_devlist(m: OpRepDevlist) -> bytes:
         if udev.bNumInterfaces != len(extra.uinf):
             raise LocalLengthMismatchError(
                 f"{name}: device {index} says bNumInterfaces {udev.bNumInterfaces} but lists "
-                f"{len(extra.uinf)} interfaces (field {prefix}uinf)", field=prefix + "uinf")
+                f"{len(extra.uinf)} interfaces (field {prefix}uinf)",
+                field=prefix + "uinf",
+            )
         parts.append(_pack_usb_device(udev, name, prefix + "udev."))
         for i, uinf in enumerate(extra.uinf):
             values = (uinf.bInterfaceClass, uinf.bInterfaceSubClass, uinf.bInterfaceProtocol)

@@ -242,7 +242,9 @@ class _Connection:
             what = message_name(message_type) if message_type is not None else "a message"
             raise TruncatedMessageError(
                 f"the {self._peer} closed the connection {len(buf)} bytes into {what} that needs at least "
-                f"{need} (stream offset {base + len(buf)})", offset=base + len(buf))
+                f"{need} (stream offset {base + len(buf)})",
+                offset=base + len(buf),
+            )
         return NEED_DATA
 
     def _direction_of(self, seqnum: int) -> int:
@@ -256,8 +258,9 @@ class _Connection:
             why = "after the operation ended (usbipd serves one operation per connection)"
         else:
             why = "before any request was sent"
-        return RemotePhaseError(f"the {self._peer} sent {len(self._buf)} bytes {why} (stream offset {base})",
-                                offset=base)
+        return RemotePhaseError(
+            f"the {self._peer} sent {len(self._buf)} bytes {why} (stream offset {base})", offset=base
+        )
 
     def _unexpected(
         self, message_type: type[Message], expect: tuple[type[Message], ...], base: int
@@ -265,7 +268,9 @@ class _Connection:
         wanted = " or ".join(message_name(t) for t in expect)
         return RemotePhaseError(
             f"{message_name(message_type)} from the {self._peer} is not allowed in phase {self._phase.value}: "
-            f"expected {wanted} (stream offset {base})", offset=base)
+            f"expected {wanted} (stream offset {base})",
+            offset=base,
+        )
 
     # -- sending -------------------------------------------------------------------------------------------
 
@@ -291,8 +296,9 @@ class _Connection:
             text = f"{name} reuses seqnum {seqnum}, still outstanding for a {what}"
             if base is None:
                 raise LocalSeqnumError(text, field="seqnum", seqnum=seqnum)
-            raise RemoteSeqnumError(f"{text} (stream offset {base + 4})", field="seqnum", offset=base + 4,
-                                    seqnum=seqnum)
+            raise RemoteSeqnumError(
+                f"{text} (stream offset {base + 4})", field="seqnum", offset=base + 4, seqnum=seqnum
+            )
 
     def _check_devid(self, devid: int, seqnum: int, name: str, base: int | None) -> None:
         if devid == self._devid:
@@ -301,8 +307,9 @@ class _Connection:
         if base is None:
             raise LocalFieldError(f"{text} (field devid)", field="devid", seqnum=seqnum)
         # stub_rx.c valid_request() drops the connection for a foreign devid.
-        raise RemoteFieldError(f"{text} (field devid, stream offset {base + 8})", field="devid",
-                               offset=base + 8, seqnum=seqnum)
+        raise RemoteFieldError(
+            f"{text} (field devid, stream offset {base + 8})", field="devid", offset=base + 8, seqnum=seqnum
+        )
 
 
 def _check_ret_against_cmd(ret: RetSubmit, urb: _Urb, base: int | None) -> None:
@@ -315,22 +322,28 @@ def _check_ret_against_cmd(ret: RetSubmit, urb: _Urb, base: int | None) -> None:
     mismatch = True
     if direction == USBIP_DIR_IN:
         if len(ret.transfer_buffer) != ret.actual_length:
-            problem = (f"an IN URB's transfer_buffer must hold actual_length {ret.actual_length} bytes, "
-                       f"holds {len(ret.transfer_buffer)}")
+            problem = (
+                f"an IN URB's transfer_buffer must hold actual_length {ret.actual_length} bytes, "
+                f"holds {len(ret.transfer_buffer)}"
+            )
             field, rel = "transfer_buffer", 48
     elif ret.transfer_buffer:
         problem = f"an OUT URB's RET_SUBMIT carries no data, got {len(ret.transfer_buffer)} bytes"
         field, rel = "transfer_buffer", 48
     if problem is None and ret.actual_length > transfer_buffer_length:
-        problem = (f"actual_length {ret.actual_length} exceeds the CMD_SUBMIT's transfer_buffer_length "
-                   f"{transfer_buffer_length}")
+        problem = (
+            f"actual_length {ret.actual_length} exceeds the CMD_SUBMIT's transfer_buffer_length "
+            f"{transfer_buffer_length}"
+        )
         field, rel = "actual_length", 24
     if problem is None:
         ret_packets = ret.number_of_packets
         if number_of_packets > 0:
             if not 0 <= ret_packets <= number_of_packets:
-                problem = (f"number_of_packets {ret_packets} for an iso URB of {number_of_packets} packets "
-                           f"(must be 0..{number_of_packets})")
+                problem = (
+                    f"number_of_packets {ret_packets} for an iso URB of {number_of_packets} packets "
+                    f"(must be 0..{number_of_packets})"
+                )
         elif ret_packets not in (0, -1):
             problem = f"number_of_packets {ret_packets} for a non-iso URB (must be 0 or -1)"
         field, rel, mismatch = "number_of_packets", 32, False
@@ -369,8 +382,11 @@ class ServerConnection(_Connection):
             seqnum = message.seqnum
             self._check_devid(message.devid, seqnum, "USBIP_CMD_SUBMIT", base)
             self._check_outstanding(seqnum, "USBIP_CMD_SUBMIT", base)
-            self._submits[seqnum] = (message.direction, message.transfer_buffer_length,
-                                     message.number_of_packets)
+            self._submits[seqnum] = (
+                message.direction,
+                message.transfer_buffer_length,
+                message.number_of_packets,
+            )
         elif message_type is CmdUnlink:
             assert isinstance(message, CmdUnlink)
             seqnum, target = message.seqnum, message.unlink_seqnum
@@ -411,8 +427,10 @@ class ServerConnection(_Connection):
         assert request is not None
         wanted = OpRepDevlist if isinstance(request, OpReqDevlist) else OpRepImport
         if type(message) is not wanted:
-            raise LocalPhaseError(f"{message_name(type(message))} does not answer "
-                                  f"{message_name(type(request))}: send {message_name(wanted)}")
+            raise LocalPhaseError(
+                f"{message_name(type(message))} does not answer "
+                f"{message_name(type(request))}: send {message_name(wanted)}"
+            )
         data = pack(message)
         if isinstance(message, OpRepImport) and message.status == ST_OK:
             assert message.udev is not None
@@ -427,14 +445,20 @@ class ServerConnection(_Connection):
         seqnum = ret.seqnum
         urb = self._submits.get(seqnum)
         if urb is None:
-            raise LocalSeqnumError(f"USBIP_RET_SUBMIT seqnum {seqnum}: no USBIP_CMD_SUBMIT with this seqnum is "
-                                   "pending", field="seqnum", seqnum=seqnum)
+            raise LocalSeqnumError(
+                f"USBIP_RET_SUBMIT seqnum {seqnum}: no USBIP_CMD_SUBMIT with this seqnum is pending",
+                field="seqnum",
+                seqnum=seqnum,
+            )
         unlink_seqnum = self._unlinking.get(seqnum)
         if unlink_seqnum is not None:
             raise UnlinkedUrbError(
                 f"USBIP_RET_SUBMIT seqnum {seqnum}: the URB was unlinked by USBIP_CMD_UNLINK seqnum "
                 f"{unlink_seqnum}; answer that with USBIP_RET_UNLINK (status -ECONNRESET, or the URB's status) "
-                "and send no RET_SUBMIT, or use complete()", field="seqnum", seqnum=seqnum)
+                "and send no RET_SUBMIT, or use complete()",
+                field="seqnum",
+                seqnum=seqnum,
+            )
         _check_ret_against_cmd(ret, urb, None)
         data = pack(ret)
         del self._submits[seqnum]
@@ -445,14 +469,19 @@ class ServerConnection(_Connection):
         seqnum = ret.seqnum
         target = self._unlinks.get(seqnum)
         if target is None:
-            raise LocalSeqnumError(f"USBIP_RET_UNLINK seqnum {seqnum}: no USBIP_CMD_UNLINK with this seqnum is "
-                                   "pending", field="seqnum", seqnum=seqnum)
+            raise LocalSeqnumError(
+                f"USBIP_RET_UNLINK seqnum {seqnum}: no USBIP_CMD_UNLINK with this seqnum is pending",
+                field="seqnum",
+                seqnum=seqnum,
+            )
         cancels = self._unlinking.get(target) == seqnum
         if not cancels and ret.status != 0:
             raise LocalFieldError(
                 f"USBIP_RET_UNLINK seqnum {seqnum}: URB {target} was not pending when the unlink arrived, so "
-                f"status must be 0 (stub_rx.c), not {ret.status} (field status)", field="status",
-                seqnum=seqnum)
+                f"status must be 0 (stub_rx.c), not {ret.status} (field status)",
+                field="status",
+                seqnum=seqnum,
+            )
         data = pack(ret)
         del self._unlinks[seqnum]
         if cancels:
@@ -466,8 +495,11 @@ class ServerConnection(_Connection):
         """The RET_UNLINK due for CMD_UNLINK `unlink_seqnum`: -ECONNRESET if it cancels a pending URB, else 0."""
         target = self._unlinks.get(unlink_seqnum)
         if target is None:
-            raise LocalSeqnumError(f"no USBIP_CMD_UNLINK with seqnum {unlink_seqnum} is pending",
-                                   field="seqnum", seqnum=unlink_seqnum)
+            raise LocalSeqnumError(
+                f"no USBIP_CMD_UNLINK with seqnum {unlink_seqnum} is pending",
+                field="seqnum",
+                seqnum=unlink_seqnum,
+            )
         cancels = self._unlinking.get(target) == unlink_seqnum
         return RetUnlink(seqnum=unlink_seqnum, status=-ECONNRESET if cancels else 0)
 
@@ -518,7 +550,11 @@ class ClientConnection(_Connection):
             base = self._base
             raise RemoteSeqnumError(
                 f"USBIP_RET_SUBMIT seqnum {seqnum}: no USBIP_CMD_SUBMIT with this seqnum is pending (stream "
-                f"offset {base + 4})", field="seqnum", offset=base + 4, seqnum=seqnum)
+                f"offset {base + 4})",
+                field="seqnum",
+                offset=base + 4,
+                seqnum=seqnum,
+            )
         return urb[0]
 
     def _received(self, message: Message, base: int) -> None:
@@ -537,7 +573,11 @@ class ClientConnection(_Connection):
             if target is None:
                 raise RemoteSeqnumError(
                     f"USBIP_RET_UNLINK seqnum {seqnum}: no USBIP_CMD_UNLINK with this seqnum is pending "
-                    f"(stream offset {base + 4})", field="seqnum", offset=base + 4, seqnum=seqnum)
+                    f"(stream offset {base + 4})",
+                    field="seqnum",
+                    offset=base + 4,
+                    seqnum=seqnum,
+                )
             if self._unlinking.get(target) == seqnum:
                 del self._unlinking[target]
                 del self._submits[target]
@@ -551,8 +591,10 @@ class ClientConnection(_Connection):
                 # usbip_attach.c query_import_device(): "recv different busid".
                 raise RemoteFieldError(
                     f"OP_REP_IMPORT describes busid {message.udev.busid!r}, but {self._request.busid!r} was "
-                    f"requested (field udev.busid, stream offset {base + 8 + 256})", field="busid",
-                    offset=base + 8 + 256)
+                    f"requested (field udev.busid, stream offset {base + 8 + 256})",
+                    field="busid",
+                    offset=base + 8 + 256,
+                )
             self._imported = message.udev
             self._devid = message.udev.devid
             self._set_phase(Phase.URB)
@@ -598,12 +640,19 @@ class ClientConnection(_Connection):
         self._check_devid(cmd.devid, seqnum, "USBIP_CMD_UNLINK", None)
         self._check_outstanding(seqnum, "USBIP_CMD_UNLINK", None)
         if target not in self._submits:
-            raise LocalSeqnumError(f"USBIP_CMD_UNLINK seqnum {seqnum}: no USBIP_CMD_SUBMIT with seqnum {target} "
-                                   "is pending (field unlink_seqnum)", field="unlink_seqnum", seqnum=seqnum)
+            raise LocalSeqnumError(
+                f"USBIP_CMD_UNLINK seqnum {seqnum}: no USBIP_CMD_SUBMIT with seqnum {target} "
+                "is pending (field unlink_seqnum)",
+                field="unlink_seqnum",
+                seqnum=seqnum,
+            )
         if target in self._unlinking:
-            raise LocalSeqnumError(f"USBIP_CMD_UNLINK seqnum {seqnum}: URB {target} is already being unlinked "
-                                   f"by seqnum {self._unlinking[target]} (field unlink_seqnum)",
-                                   field="unlink_seqnum", seqnum=seqnum)
+            raise LocalSeqnumError(
+                f"USBIP_CMD_UNLINK seqnum {seqnum}: URB {target} is already being unlinked "
+                f"by seqnum {self._unlinking[target]} (field unlink_seqnum)",
+                field="unlink_seqnum",
+                seqnum=seqnum,
+            )
         data = pack(cmd)
         self._unlinks[seqnum] = target
         self._unlinking[target] = seqnum

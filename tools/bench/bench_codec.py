@@ -21,8 +21,16 @@ from emulator.usbip.constants import USBIP_DIR_IN, USBIP_DIR_OUT
 from emulator.usbip.messages import CmdSubmit, OpRepImport, OpReqImport, RetSubmit, UsbDevice
 
 PAYLOAD = bytes(range(256)) * 2
-UDEV = UsbDevice(path="/sys/devices/vusb/1-1", busid="1-1", busnum=1, devnum=2, speed=3, idVendor=0x1D6B,
-                 idProduct=0x0104, bcdDevice=0x0100)
+UDEV = UsbDevice(
+    path="/sys/devices/vusb/1-1",
+    busid="1-1",
+    busnum=1,
+    devnum=2,
+    speed=3,
+    idVendor=0x1D6B,
+    idProduct=0x0104,
+    bcdDevice=0x0100,
+)
 
 
 def best_rate(count: int, repeat: int, run: Callable[[int], None]) -> float:
@@ -47,8 +55,9 @@ def raw_ret_submit(count: int) -> None:
 
 def raw_cmd_submit(direction: int) -> Callable[[int], None]:
     data = PAYLOAD if direction == USBIP_DIR_OUT else b""
-    cmd = CmdSubmit(seqnum=1, devid=0x10002, direction=direction, ep=1, transfer_buffer_length=512,
-                    transfer_buffer=data)
+    cmd = CmdSubmit(
+        seqnum=1, devid=0x10002, direction=direction, ep=1, transfer_buffer_length=512, transfer_buffer=data
+    )
 
     def run(count: int) -> None:
         for _ in range(count):
@@ -78,14 +87,25 @@ def connection_rates(count: int, repeat: int, direction: int) -> tuple[float, fl
         seqnums = [client.next_seqnum() + i for i in range(count)]
         start = time.perf_counter()
         for seqnum in seqnums:
-            server.receive_data(client.send(CmdSubmit(
-                seqnum=seqnum, devid=devid, direction=direction, ep=1, transfer_buffer_length=512,
-                transfer_buffer=data)))
+            server.receive_data(
+                client.send(
+                    CmdSubmit(
+                        seqnum=seqnum,
+                        devid=devid,
+                        direction=direction,
+                        ep=1,
+                        transfer_buffer_length=512,
+                        transfer_buffer=data,
+                    )
+                )
+            )
             server.next_event()
         best_cmd = min(best_cmd, time.perf_counter() - start)
         start = time.perf_counter()
         for seqnum in seqnums:
-            client.receive_data(server.send(RetSubmit(seqnum=seqnum, actual_length=512, transfer_buffer=answer)))
+            client.receive_data(
+                server.send(RetSubmit(seqnum=seqnum, actual_length=512, transfer_buffer=answer))
+            )
             client.next_event()
         best_ret = min(best_ret, time.perf_counter() - start)
     return count / best_cmd, count / best_ret
@@ -98,10 +118,16 @@ def main() -> None:
     args = parser.parse_args()
     rows = [
         ("raw codec", "RET_SUBMIT bulk IN, 512 B", best_rate(args.count, args.repeat, raw_ret_submit)),
-        ("raw codec", "CMD_SUBMIT bulk IN (header only)",
-         best_rate(args.count, args.repeat, raw_cmd_submit(USBIP_DIR_IN))),
-        ("raw codec", "CMD_SUBMIT bulk OUT, 512 B",
-         best_rate(args.count, args.repeat, raw_cmd_submit(USBIP_DIR_OUT))),
+        (
+            "raw codec",
+            "CMD_SUBMIT bulk IN (header only)",
+            best_rate(args.count, args.repeat, raw_cmd_submit(USBIP_DIR_IN)),
+        ),
+        (
+            "raw codec",
+            "CMD_SUBMIT bulk OUT, 512 B",
+            best_rate(args.count, args.repeat, raw_cmd_submit(USBIP_DIR_OUT)),
+        ),
     ]
     cmd_in, ret_in = connection_rates(args.count, args.repeat, USBIP_DIR_IN)
     cmd_out, ret_out = connection_rates(args.count, args.repeat, USBIP_DIR_OUT)
