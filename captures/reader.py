@@ -164,6 +164,8 @@ def _iter_pcapng(data: bytes, path: str | None) -> Iterator[RawFrame]:
     off = 0
     number = 0
     bo = "<"
+    head = struct.Struct("<II")
+    epb = struct.Struct("<IIIII")
     interfaces: list[_Interface] = []
     while off < end:
         if off + 12 > end:
@@ -172,8 +174,27 @@ def _iter_pcapng(data: bytes, path: str | None) -> Iterator[RawFrame]:
                 frame=number + 1,
                 path=path,
             )
-        btype_le = struct.unpack_from("<I", data, off)[0]
-        if btype_le == _PCAPNG_SHB:
+        btype, blen = head.unpack_from(data, off)
+        if btype == _PCAPNG_EPB and not blen & 3 and blen >= 32 and off + blen <= end:
+            # the hot path: an enhanced packet block in a well-formed file
+            number += 1
+            ifid, ts_hi, ts_lo, caplen, origlen = epb.unpack_from(data, off + 8)
+            if ifid < len(interfaces) and caplen <= blen - 32:
+                iface = interfaces[ifid]
+                yield (
+                    number,
+                    iface.linktype,
+                    ((ts_hi << 32) | ts_lo) * iface.scale + iface.tsoffset,
+                    data,
+                    off + 28,
+                    caplen,
+                    origlen,
+                    bo == ">",
+                )
+                off += blen
+                continue
+            number -= 1  # let the careful path below report what is wrong
+        if btype == _PCAPNG_SHB:  # the type reads the same in both byte orders
             bom = data[off + 8 : off + 12]
             if bom == b"\x4d\x3c\x2b\x1a":
                 bo = "<"
@@ -185,8 +206,10 @@ def _iter_pcapng(data: bytes, path: str | None) -> Iterator[RawFrame]:
                     frame=number + 1,
                     path=path,
                 )
+            head = struct.Struct(bo + "II")
+            epb = struct.Struct(bo + "IIIII")
             interfaces = []
-        btype, blen = struct.unpack_from(bo + "II", data, off)
+            btype, blen = head.unpack_from(data, off)
         if blen < 12 or blen % 4:
             raise CaptureError(
                 f"pcapng block at byte {off} has an invalid length {blen} (must be >= 12 and a multiple of 4)",
@@ -207,7 +230,7 @@ def _iter_pcapng(data: bytes, path: str | None) -> Iterator[RawFrame]:
                 raise CaptureError(
                     f"enhanced packet block at byte {off} is too short", frame=number, path=path
                 )
-            ifid, ts_hi, ts_lo, caplen, origlen = struct.unpack_from(bo + "IIIII", data, body)
+            ifid, ts_hi, ts_lo, caplen, origlen = epb.unpack_from(data, body)
             if ifid >= len(interfaces):
                 raise CaptureError(
                     f"enhanced packet block at byte {off} names interface {ifid}, "

@@ -339,6 +339,7 @@ class _Flow:
 
 
 _U32 = 0xFFFFFFFF
+_ETH_IPV4_TCP = struct.Struct(">12xHBxH2xHxB2x4s4sHHIIH")  # Ethernet + 20-byte IPv4 + TCP up to the flags
 _CMD_SUBMIT = struct.Struct(
     ">IIIIIiiiI8s"
 )  # from offset 4: seqnum devid direction ep flags len sf npk interval setup
@@ -583,50 +584,69 @@ class _Pairer:
         self, number: int, linktype: int, ts: float, buf: bytes, off: int, caplen: int, big_endian: bool
     ) -> None:
         end = off + caplen
+        if linktype == LINKTYPE_ETHERNET and caplen >= 54:
+            # the common case in one unpack: Ethernet II, IPv4 without options, TCP
+            etype, vihl, total, frag, proto, src, dst, sport, dport, seq, _ack, offflags = (
+                _ETH_IPV4_TCP.unpack_from(buf, off)
+            )
+            if etype == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF:
+                self.tcp_frames += 1
+                ip_end = off + 14 + total if total else end  # 0: a TSO frame captured before segmentation
+                self._segment(number, ts, buf, end, src, dst, sport, dport, seq, offflags, off + 34, ip_end)
+                return
+        parsed = self._parse_ip_tcp(number, linktype, buf, off, end)
+        if parsed is not None:
+            self._segment(number, ts, buf, end, *parsed)
+
+    def _parse_ip_tcp(
+        self, number: int, linktype: int, buf: bytes, off: int, end: int
+    ) -> tuple[bytes, bytes, int, int, int, int, int, int] | None:
+        """(src, dst, sport, dport, seq, offset+flags word, TCP header offset, IP end) of any IP link type."""
+        caplen = end - off
         p = off
         if linktype == LINKTYPE_ETHERNET:
             if caplen < 14:
-                return
+                return None
             etype = (buf[p + 12] << 8) | buf[p + 13]
             p += 14
             while etype in (0x8100, 0x88A8, 0x9100) and p + 4 <= end:
                 etype = (buf[p + 2] << 8) | buf[p + 3]
                 p += 4
             if etype != 0x0800 and etype != 0x86DD:
-                return
+                return None
         elif linktype == LINKTYPE_LINUX_SLL:
             if caplen < 16:
-                return
+                return None
             p += 16
         elif linktype == LINKTYPE_LINUX_SLL2:
             if caplen < 20:
-                return
+                return None
             p += 20
         elif linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
             p += 4
         if p >= end:
-            return
+            return None
         self.tcp_frames += 1
         version = buf[p] >> 4
         if version == 4:
             if p + 20 > end:
-                return
+                return None
             ihl = (buf[p] & 0x0F) * 4
             total, frag, proto = struct.unpack_from(">2xH2xHxB", buf, p)
             if proto != 6:
-                return
+                return None
             if frag & 0x3FFF:
                 if not self.fragment_warned:
                     self.fragment_warned = True
                     self.warnings.append(f"frame {number}: IP fragments are not reassembled; skipped")
-                return
+                return None
             src = buf[p + 12 : p + 16]
             dst = buf[p + 16 : p + 20]
-            ip_end = p + total
+            ip_end = p + total if total else end
             t = p + ihl
         elif version == 6:
             if p + 40 > end:
-                return
+                return None
             plen = (buf[p + 4] << 8) | buf[p + 5]
             nh = buf[p + 6]
             src = buf[p + 8 : p + 24]
@@ -637,12 +657,29 @@ class _Pairer:
                 nh, hlen = buf[t], (buf[t + 1] + 1) * 8
                 t += hlen
             if nh != 6:
-                return
+                return None
         else:
-            return
+            return None
         if t + 20 > end:
-            return
+            return None
         sport, dport, seq, _ack, offflags = struct.unpack_from(">HHIIH", buf, t)
+        return src, dst, sport, dport, seq, offflags, t, ip_end
+
+    def _segment(
+        self,
+        number: int,
+        ts: float,
+        buf: bytes,
+        end: int,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        seq: int,
+        offflags: int,
+        t: int,
+        ip_end: int,
+    ) -> None:
         ports = self.ports
         if sport not in ports and dport not in ports:
             return
@@ -921,10 +958,12 @@ class _Pairer:
             self._op_reply(t, conn, number, ts, status, "OP_REP_IMPORT")
             return size
         if code == 0x0005:  # OP_REP_DEVLIST
-            if end - pos < 12:
+            ndev = 0
+            size = 8 if status != 0 else 12  # a failed devlist is only op_common
+            if end - pos < size:
                 return 0
-            ndev = struct.unpack_from(">I", b, pos + 8)[0]
-            size = 12
+            if status == 0:
+                ndev = struct.unpack_from(">I", b, pos + 8)[0]
             for _ in range(ndev):
                 if end - pos < size + 312:
                     return 0

@@ -55,62 +55,38 @@ from scapy.packet import Packet, bind_layers
 from captures.layers._state import BoundedDict
 from captures.layers.bot_scsi import BOT_CBW, BOT_CSW, cbw_command, dissect_bulk, is_cbw, is_csw
 from captures.layers.usb import USB_CLASSES, USB_Setup, dissect_control_in
+from emulator.usbip.constants import (
+    OP_COMMON_SIZE,
+    OP_REP_DEVLIST,
+    OP_REP_IMPORT,
+    OP_REQ_DEVLIST,
+    OP_REQ_IMPORT,
+    ST_OK,
+    USBIP_CMD_SUBMIT,
+    USBIP_CMD_UNLINK,
+    USBIP_DIR_IN,
+    USBIP_DIR_OUT,
+    USBIP_HEADER_SIZE,
+    USBIP_ISO_PACKET_DESCRIPTOR_SIZE,
+    USBIP_PORT,
+    USBIP_RET_SUBMIT,
+    USBIP_RET_UNLINK,
+    USBIP_USB_DEVICE_SIZE,
+    USBIP_USB_INTERFACE_SIZE,
+    USBIP_VERSION,
+    OpStatus,
+    UsbipCommand,
+    UsbipDir,
+)
 
-USBIP_PORT = 3240
-USBIP_VERSION = 0x0111
+USBIP_DEVICE_SIZE = USBIP_USB_DEVICE_SIZE
+USBIP_INTERFACE_SIZE = USBIP_USB_INTERFACE_SIZE
+ISO_DESCRIPTOR_SIZE = USBIP_ISO_PACKET_DESCRIPTOR_SIZE
 
-OP_REQUEST = 0x80 << 8
-OP_REPLY = 0x00 << 8
-OP_IMPORT = 0x03
-OP_DEVLIST = 0x05
-OP_REQ_IMPORT = OP_REQUEST | OP_IMPORT
-OP_REP_IMPORT = OP_REPLY | OP_IMPORT
-OP_REQ_DEVLIST = OP_REQUEST | OP_DEVLIST
-OP_REP_DEVLIST = OP_REPLY | OP_DEVLIST
-
-USBIP_CMD_SUBMIT = 0x0001
-USBIP_CMD_UNLINK = 0x0002
-USBIP_RET_SUBMIT = 0x0003
-USBIP_RET_UNLINK = 0x0004
-
-USBIP_DIR_OUT = 0
-USBIP_DIR_IN = 1
-
-USBIP_HEADER_SIZE = 48  # every URB message header: usbip_header_basic (20) + the 28-byte union
-OP_COMMON_SIZE = 8
-USBIP_DEVICE_SIZE = 312  # struct usbip_usb_device
-USBIP_INTERFACE_SIZE = 4
-ISO_DESCRIPTOR_SIZE = 16
-
-OP_CODES = {
-    OP_REQ_DEVLIST: "OP_REQ_DEVLIST",
-    OP_REP_DEVLIST: "OP_REP_DEVLIST",
-    OP_REQ_IMPORT: "OP_REQ_IMPORT",
-    OP_REP_IMPORT: "OP_REP_IMPORT",
-}
-URB_COMMANDS = {
-    USBIP_CMD_SUBMIT: "USBIP_CMD_SUBMIT",
-    USBIP_CMD_UNLINK: "USBIP_CMD_UNLINK",
-    USBIP_RET_SUBMIT: "USBIP_RET_SUBMIT",
-    USBIP_RET_UNLINK: "USBIP_RET_UNLINK",
-}
-DIRECTIONS = {USBIP_DIR_OUT: "USBIP_DIR_OUT", USBIP_DIR_IN: "USBIP_DIR_IN"}
-
-# op_common.status (tools/usb/usbip/libsrc/usbip_common.h)
-ST_OK = 0x00
-ST_NA = 0x01
-ST_DEV_BUSY = 0x02
-ST_DEV_ERR = 0x03
-ST_NODEV = 0x04
-ST_ERROR = 0x05
-OP_STATUS = {
-    ST_OK: "ST_OK",
-    ST_NA: "ST_NA",
-    ST_DEV_BUSY: "ST_DEV_BUSY",
-    ST_DEV_ERR: "ST_DEV_ERR",
-    ST_NODEV: "ST_NODEV",
-    ST_ERROR: "ST_ERROR",
-}
+OP_CODES = {code.value: code.name for code in (OP_REQ_DEVLIST, OP_REP_DEVLIST, OP_REQ_IMPORT, OP_REP_IMPORT)}
+URB_COMMANDS = {command.value: command.name for command in UsbipCommand}
+DIRECTIONS = {direction.value: direction.name for direction in UsbipDir}
+OP_STATUS = {status.value: status.name for status in OpStatus}
 
 # enum usb_device_speed (include/uapi/linux/usb/ch9.h)
 USB_SPEEDS = {0: "UNKNOWN", 1: "LOW", 2: "FULL", 3: "HIGH", 4: "WIRELESS", 5: "SUPER", 6: "SUPER_PLUS"}
@@ -303,6 +279,10 @@ def message_length(data: bytes, conversation: UsbipConversation | None = None) -
             status = struct.unpack_from(">I", data, 4)[0]
             return OP_COMMON_SIZE + (USBIP_DEVICE_SIZE if status == ST_OK else 0)
         if code == OP_REP_DEVLIST:
+            if len(data) < 8:
+                return None
+            if struct.unpack_from(">I", data, 4)[0] != ST_OK:
+                return OP_COMMON_SIZE  # a failed devlist is only op_common (usbip_net_recv_op_common stops there)
             if len(data) < 12:
                 return None
             ndev = struct.unpack_from(">I", data, 8)[0]
@@ -574,8 +554,14 @@ class USBIP_OpRepDevlist(_OpMessage):
     name = "USBIP OP_REP_DEVLIST"
     fields_desc = [
         *_op_common(OP_REP_DEVLIST),
-        FieldLenField("ndev", None, count_of="devices", fmt="!I"),
-        PacketListField("devices", [], USBIP_ExportedDevice, count_from=lambda p: p.ndev),
+        # With a status other than ST_OK only op_common travels.
+        ConditionalField(
+            FieldLenField("ndev", None, count_of="devices", fmt="!I"), lambda p: p.status == ST_OK
+        ),
+        ConditionalField(
+            PacketListField("devices", [], USBIP_ExportedDevice, count_from=lambda p: p.ndev),
+            lambda p: p.status == ST_OK,
+        ),
     ]
 
 
