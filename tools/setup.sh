@@ -12,3 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# The guest kernel for kernel tests (tools/vm): Debian's current linux-image-*-amd64 unpacked into
+# ${VUSB_CACHE:-~/.cache/vusb/vm} (never installed on the host) plus a small initramfs; cached, so re-runs are cheap.
+.venv/bin/python -m tools.vm prepare

@@ -452,7 +452,11 @@ _URL_RE = re.compile(r"->\s+usbip://([^/\s]+)/(\S+)")
 
 def imported_ports() -> dict[int, str]:
     """vhci ports in use, from `usbip port`: {port: 'host:tcpport/busid'}."""
-    out = run(["usbip", "port"]).stdout
+    return parse_usbip_port(run(["usbip", "port"]).stdout)
+
+
+def parse_usbip_port(out: str) -> dict[int, str]:
+    """`usbip port` output -> {vhci port: 'host:tcpport/remote busid'}."""
     ports: dict[int, str] = {}
     current: int | None = None
     for line in out.splitlines():

@@ -90,6 +90,8 @@ def guest_environment(io_dir: Path, extra: Mapping[str, str] | None = None) -> d
         "VUSB_IN_VM": "1",
         "VUSB_VM_IO": str(io_dir),
     }
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     venv = _venv_bin()
     if venv is not None:
         env["VIRTUAL_ENV"] = str(venv.parent)
