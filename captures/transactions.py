@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captures.errors import CaptureError
+from captures.names import errno_name, opcode_name
 from captures.reader import (
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
@@ -68,29 +69,13 @@ _EP_TRANSFER_TYPES = ("control", "isochronous", "bulk", "interrupt")  # bmAttrib
 # OP_* status words (tools/usb/usbip/libsrc/usbip_common.h)
 OP_STATUS_NAMES = {0: "ST_OK", 1: "ST_NA", 2: "ST_DEV_BUSY", 3: "ST_DEV_ERR", 4: "ST_NODEV", 5: "ST_ERROR"}
 
-_SCSI_NAMES: dict[int, str] | None = None
-
 
 def scsi_opcode_name(opcode: int | None, service_action: int | None = None) -> str | None:
-    if opcode is None:
-        return None
-    global _SCSI_NAMES
-    if _SCSI_NAMES is None:
-        from captures.layers.bot_scsi import SCSI_OPCODES
-
-        _SCSI_NAMES = SCSI_OPCODES
-    if opcode == 0x9E and service_action == 0x10:
-        return "READ_CAPACITY_16"
-    return _SCSI_NAMES.get(opcode, f"0x{opcode:02x}")
+    return None if opcode is None else opcode_name(opcode, service_action)
 
 
 def status_name(status: int | None) -> str:
-    if status is None:
-        return "pending"
-    if status == 0:
-        return "0"
-    name = errno.errorcode.get(-status)
-    return f"-{name}" if name else str(status)
+    return errno_name(status)
 
 
 @dataclass(slots=True, eq=False)

@@ -36,89 +36,36 @@ from scapy.fields import (
 )
 from scapy.packet import Packet
 
-CBW_SIGNATURE = 0x43425355  # 'USBC' little-endian
-CSW_SIGNATURE = 0x53425355  # 'USBS' little-endian
-CBW_SIZE = 31
-CSW_SIZE = 13
-CBW_FLAGS_DATA_IN = 0x80
-
-CSW_STATUS = {0: "COMMAND_PASSED", 1: "COMMAND_FAILED", 2: "PHASE_ERROR"}
-
-# Operation codes (SPC-4 table 3 for the primary commands, SBC-3 table 13 for block commands).
-TEST_UNIT_READY = 0x00
-REQUEST_SENSE = 0x03
-READ_6 = 0x08
-WRITE_6 = 0x0A
-INQUIRY = 0x12
-MODE_SELECT_6 = 0x15
-MODE_SENSE_6 = 0x1A
-START_STOP_UNIT = 0x1B
-SEND_DIAGNOSTIC = 0x1D
-PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
-READ_FORMAT_CAPACITIES = 0x23
-READ_CAPACITY_10 = 0x25
-READ_10 = 0x28
-WRITE_10 = 0x2A
-WRITE_AND_VERIFY_10 = 0x2E
-VERIFY_10 = 0x2F
-SYNCHRONIZE_CACHE_10 = 0x35
-MODE_SELECT_10 = 0x55
-MODE_SENSE_10 = 0x5A
-READ_16 = 0x88
-WRITE_16 = 0x8A
-SYNCHRONIZE_CACHE_16 = 0x91
-SERVICE_ACTION_IN_16 = 0x9E
-REPORT_LUNS = 0xA0
-READ_12 = 0xA8
-WRITE_12 = 0xAA
-SAI_READ_CAPACITY_16 = 0x10  # service action of SERVICE ACTION IN(16)
-
-SCSI_OPCODES = {
-    TEST_UNIT_READY: "TEST_UNIT_READY",
-    REQUEST_SENSE: "REQUEST_SENSE",
-    READ_6: "READ_6",
-    WRITE_6: "WRITE_6",
-    INQUIRY: "INQUIRY",
-    MODE_SELECT_6: "MODE_SELECT_6",
-    MODE_SENSE_6: "MODE_SENSE_6",
-    START_STOP_UNIT: "START_STOP_UNIT",
-    SEND_DIAGNOSTIC: "SEND_DIAGNOSTIC",
-    PREVENT_ALLOW_MEDIUM_REMOVAL: "PREVENT_ALLOW_MEDIUM_REMOVAL",
-    READ_FORMAT_CAPACITIES: "READ_FORMAT_CAPACITIES",
-    READ_CAPACITY_10: "READ_CAPACITY_10",
-    READ_10: "READ_10",
-    WRITE_10: "WRITE_10",
-    WRITE_AND_VERIFY_10: "WRITE_AND_VERIFY_10",
-    VERIFY_10: "VERIFY_10",
-    SYNCHRONIZE_CACHE_10: "SYNCHRONIZE_CACHE_10",
-    MODE_SELECT_10: "MODE_SELECT_10",
-    MODE_SENSE_10: "MODE_SENSE_10",
-    READ_16: "READ_16",
-    WRITE_16: "WRITE_16",
-    SYNCHRONIZE_CACHE_16: "SYNCHRONIZE_CACHE_16",
-    SERVICE_ACTION_IN_16: "SERVICE_ACTION_IN_16",
-    REPORT_LUNS: "REPORT_LUNS",
-    READ_12: "READ_12",
-    WRITE_12: "WRITE_12",
-}
-SCSI_OPCODE_VALUES = {name: code for code, name in SCSI_OPCODES.items()}
-
-SENSE_KEYS = {
-    0x0: "NO_SENSE",
-    0x1: "RECOVERED_ERROR",
-    0x2: "NOT_READY",
-    0x3: "MEDIUM_ERROR",
-    0x4: "HARDWARE_ERROR",
-    0x5: "ILLEGAL_REQUEST",
-    0x6: "UNIT_ATTENTION",
-    0x7: "DATA_PROTECT",
-    0x8: "BLANK_CHECK",
-    0x9: "VENDOR_SPECIFIC",
-    0xA: "COPY_ABORTED",
-    0xB: "ABORTED_COMMAND",
-    0xD: "VOLUME_OVERFLOW",
-    0xE: "MISCOMPARE",
-}
+from captures.names import (  # SCSI and BOT names live there, scapy-free
+    CBW_FLAGS_DATA_IN,
+    CBW_SIGNATURE,
+    CBW_SIZE,
+    CSW_SIGNATURE,
+    CSW_SIZE,
+    CSW_STATUS,
+    INQUIRY,
+    MODE_SENSE_6,
+    MODE_SENSE_10,
+    PREVENT_ALLOW_MEDIUM_REMOVAL,
+    READ_10,
+    READ_12,
+    READ_16,
+    READ_CAPACITY_10,
+    READ_FORMAT_CAPACITIES,
+    REQUEST_SENSE,
+    SAI_READ_CAPACITY_16,
+    SCSI_OPCODES,
+    SENSE_KEYS,
+    SERVICE_ACTION_IN_16,
+    START_STOP_UNIT,
+    SYNCHRONIZE_CACHE_10,
+    TEST_UNIT_READY,
+    VERIFY_10,
+    WRITE_10,
+    WRITE_12,
+    WRITE_16,
+    opcode_name,
+)
 
 # scapy field name -> Wireshark field, for `tshark -T fields` comparisons.
 WIRESHARK_FIELDS = {
@@ -136,12 +83,6 @@ WIRESHARK_FIELDS = {
     "logical_block_address": "scsi_sbc.rdwr10.lba",
     "transfer_length": "scsi_sbc.rdwr10.xferlen",
 }
-
-
-def opcode_name(opcode: int, service_action: int | None = None) -> str:
-    if opcode == SERVICE_ACTION_IN_16 and service_action == SAI_READ_CAPACITY_16:
-        return "READ_CAPACITY_16"
-    return SCSI_OPCODES.get(opcode, f"opcode 0x{opcode:02x}")
 
 
 def is_cbw(data: bytes) -> bool:

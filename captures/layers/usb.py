@@ -28,118 +28,30 @@ from scapy.fields import (
 )
 from scapy.packet import Packet
 
-# bmRequestType bits (USB 2.0 table 9-2)
-USB_DIR_OUT = 0x00
-USB_DIR_IN = 0x80
-USB_TYPE_STANDARD = 0x00
-USB_TYPE_CLASS = 0x20
-USB_TYPE_VENDOR = 0x40
-USB_RECIP_DEVICE = 0x00
-USB_RECIP_INTERFACE = 0x01
-USB_RECIP_ENDPOINT = 0x02
-USB_RECIP_OTHER = 0x03
-
-# Standard request codes (USB 2.0 table 9-4, USB 3.x additions)
-GET_STATUS = 0
-CLEAR_FEATURE = 1
-SET_FEATURE = 3
-SET_ADDRESS = 5
-GET_DESCRIPTOR = 6
-SET_DESCRIPTOR = 7
-GET_CONFIGURATION = 8
-SET_CONFIGURATION = 9
-GET_INTERFACE = 10
-SET_INTERFACE = 11
-SYNCH_FRAME = 12
-SET_SEL = 48
-SET_ISOCH_DELAY = 49
-
-STANDARD_REQUESTS = {
-    GET_STATUS: "GET_STATUS",
-    CLEAR_FEATURE: "CLEAR_FEATURE",
-    SET_FEATURE: "SET_FEATURE",
-    SET_ADDRESS: "SET_ADDRESS",
-    GET_DESCRIPTOR: "GET_DESCRIPTOR",
-    SET_DESCRIPTOR: "SET_DESCRIPTOR",
-    GET_CONFIGURATION: "GET_CONFIGURATION",
-    SET_CONFIGURATION: "SET_CONFIGURATION",
-    GET_INTERFACE: "GET_INTERFACE",
-    SET_INTERFACE: "SET_INTERFACE",
-    SYNCH_FRAME: "SYNCH_FRAME",
-    SET_SEL: "SET_SEL",
-    SET_ISOCH_DELAY: "SET_ISOCH_DELAY",
-}
-
-# Class requests whose code is unambiguous across the classes vusb emulates (BOT 3.1/3.2, CDC PSTN 6.3).
-# HID codes 0x01-0x0B collide with CDC's, so they are only named when the caller knows the class.
-CLASS_REQUESTS = {
-    0xFE: "GET_MAX_LUN",
-    0xFF: "BULK_ONLY_MASS_STORAGE_RESET",
-    0x20: "SET_LINE_CODING",
-    0x21: "GET_LINE_CODING",
-    0x22: "SET_CONTROL_LINE_STATE",
-    0x23: "SEND_BREAK",
-}
-
-# Descriptor types (USB 2.0 table 9-5, ECN IAD, USB 3.x, HID 1.11 7.1, CDC 1.2 5.2.3)
-USB_DT_DEVICE = 0x01
-USB_DT_CONFIG = 0x02
-USB_DT_STRING = 0x03
-USB_DT_INTERFACE = 0x04
-USB_DT_ENDPOINT = 0x05
-USB_DT_DEVICE_QUALIFIER = 0x06
-USB_DT_OTHER_SPEED_CONFIG = 0x07
-USB_DT_INTERFACE_POWER = 0x08
-USB_DT_OTG = 0x09
-USB_DT_DEBUG = 0x0A
-USB_DT_INTERFACE_ASSOCIATION = 0x0B
-USB_DT_BOS = 0x0F
-USB_DT_DEVICE_CAPABILITY = 0x10
-USB_DT_HID = 0x21
-USB_DT_REPORT = 0x22
-USB_DT_PHYSICAL = 0x23
-USB_DT_CS_INTERFACE = 0x24
-USB_DT_CS_ENDPOINT = 0x25
-USB_DT_SS_ENDPOINT_COMP = 0x30
-
-DESCRIPTOR_TYPES = {
-    USB_DT_DEVICE: "DEVICE",
-    USB_DT_CONFIG: "CONFIGURATION",
-    USB_DT_STRING: "STRING",
-    USB_DT_INTERFACE: "INTERFACE",
-    USB_DT_ENDPOINT: "ENDPOINT",
-    USB_DT_DEVICE_QUALIFIER: "DEVICE_QUALIFIER",
-    USB_DT_OTHER_SPEED_CONFIG: "OTHER_SPEED_CONFIGURATION",
-    USB_DT_INTERFACE_POWER: "INTERFACE_POWER",
-    USB_DT_OTG: "OTG",
-    USB_DT_DEBUG: "DEBUG",
-    USB_DT_INTERFACE_ASSOCIATION: "INTERFACE_ASSOCIATION",
-    USB_DT_BOS: "BOS",
-    USB_DT_DEVICE_CAPABILITY: "DEVICE_CAPABILITY",
-    USB_DT_HID: "HID",
-    USB_DT_REPORT: "REPORT",
-    USB_DT_PHYSICAL: "PHYSICAL",
-    USB_DT_CS_INTERFACE: "CS_INTERFACE",
-    USB_DT_CS_ENDPOINT: "CS_ENDPOINT",
-    USB_DT_SS_ENDPOINT_COMP: "SS_ENDPOINT_COMPANION",
-}
-
-USB_CLASSES = {
-    0x00: "per-interface",
-    0x01: "Audio",
-    0x02: "CDC",
-    0x03: "HID",
-    0x07: "Printer",
-    0x08: "Mass Storage",
-    0x09: "Hub",
-    0x0A: "CDC-Data",
-    0x0E: "Video",
-    0xEF: "Miscellaneous",
-    0xFE: "Application Specific",
-    0xFF: "Vendor Specific",
-}
-
-TRANSFER_TYPES = {0: "control", 1: "isochronous", 2: "bulk", 3: "interrupt"}  # bmAttributes bits 1..0
+from captures.names import (  # the chapter 9 names live there, scapy-free
+    DESCRIPTOR_TYPES,
+    GET_DESCRIPTOR,
+    TRANSFER_TYPES,
+    USB_CLASSES,
+    USB_DIR_IN,
+    USB_DT_BOS,
+    USB_DT_CONFIG,
+    USB_DT_CS_ENDPOINT,
+    USB_DT_CS_INTERFACE,
+    USB_DT_DEVICE,
+    USB_DT_DEVICE_CAPABILITY,
+    USB_DT_DEVICE_QUALIFIER,
+    USB_DT_ENDPOINT,
+    USB_DT_HID,
+    USB_DT_INTERFACE,
+    USB_DT_INTERFACE_ASSOCIATION,
+    USB_DT_OTHER_SPEED_CONFIG,
+    USB_DT_REPORT,
+    USB_DT_SS_ENDPOINT_COMP,
+    USB_DT_STRING,
+    USB_TYPE_STANDARD,
+    request_name,
+)
 
 # scapy field name -> Wireshark display-filter field, for `tshark -T fields` comparisons.
 WIRESHARK_FIELDS = {
@@ -180,18 +92,6 @@ WIRESHARK_FIELDS = {
     "bString": "usb.bString",
     "wLANGID": "usb.wLANGID",
 }
-
-
-def request_name(request_type: int, request: int) -> str:
-    """A readable name for bRequest: chapter 9 names for standard requests, BOT/CDC names for class ones."""
-    kind = request_type & 0x60
-    if kind == USB_TYPE_STANDARD and request in STANDARD_REQUESTS:
-        return STANDARD_REQUESTS[request]
-    if kind == USB_TYPE_CLASS and request in CLASS_REQUESTS:
-        return CLASS_REQUESTS[request]
-    return {USB_TYPE_CLASS: "class", USB_TYPE_VENDOR: "vendor"}.get(
-        kind, "reserved"
-    ) + f" request 0x{request:02x}"
 
 
 class _RequestField(ByteField):

@@ -25,7 +25,6 @@ Wireshark's (`usbip.sequence_no`, `usbip.urb`, ...) for `tshark -T fields` compa
 
 from __future__ import annotations
 
-import errno
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +54,7 @@ from scapy.packet import Packet, bind_layers
 from captures.layers._state import BoundedDict
 from captures.layers.bot_scsi import BOT_CBW, BOT_CSW, cbw_command, dissect_bulk, is_cbw, is_csw
 from captures.layers.usb import USB_CLASSES, USB_Setup, dissect_control_in
+from captures.names import errno_name
 from emulator.usbip.constants import (
     OP_COMMON_SIZE,
     OP_REP_DEVLIST,
@@ -150,14 +150,6 @@ WIRESHARK_FIELDS = {
     "bInterfaceSubClass": "usbip.bInterfaceSubClass",
     "bInterfaceProtocol": "usbip.bInterfaceProtocol",
 }
-
-
-def errno_name(status: int) -> str:
-    """'-EPIPE' for -32: how the kernel (and usbmon) report URB status."""
-    if status == 0:
-        return "0"
-    name = errno.errorcode.get(-status)
-    return f"-{name}" if name else str(status)
 
 
 def transfer_flag_names(flags: int) -> list[str]:
