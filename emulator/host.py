@@ -1,0 +1,962 @@
+"""The userspace USB/IP host: import a device from a USB/IP server and drive it from Python.
+
+This is what `usbip attach` + vhci-hcd + the USB core do in the kernel, as an asyncio edge over the sans-I/O
+`ClientConnection`: `list_devices()` asks for OP_REQ_DEVLIST, `import_device()` sends OP_REQ_IMPORT and
+enumerates the device with real GET_DESCRIPTOR requests (the devlist summary is not trusted), and the
+returned `RemoteDevice` submits URBs.
+
+Shape of the hot path (performance matters, a disk image moves through here):
+
+* one `asyncio.Protocol` per connection; `data_received` feeds the core and dispatches each RET by seqnum
+  to its `Urb`'s future — no reader task, no per-message wake-up of anything but the waiting caller;
+* one `transport.write` per message (the codec joins header and payload), TCP_NODELAY, large socket
+  buffers;
+* `submit()` returns an `Urb` at once, so callers pipeline as many URBs as they like; its timeout is armed
+  at submission, as libusb arms a transfer's, and an expired URB is unlinked (CMD_UNLINK) — the caller then
+  sees the server's verdict: RET_UNLINK (cancelled: `TransferTimeout`) or the racing RET_SUBMIT (completed
+  after all: its real result, as `usb_start_wait_urb` returns it).
+
+Nothing waits forever: the connection has a connect timeout, every operation a reply timeout, every URB
+its own, and an unlink that the server does not answer within `UNLINK_TIMEOUT` declares the connection
+dead. When the connection ends (server killed, device unplugged, garbage from the peer), every pending URB
+fails with `DeviceGone` naming why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from emulator.errors import VusbError
+from emulator.usb.descriptors import (
+    Configuration,
+    DeviceDescriptor,
+    EndpointDescriptor,
+    LanguageDescriptor,
+    StringDescriptor,
+    parse_configuration,
+    parse_string,
+)
+from emulator.usb.errors import UsbError
+from emulator.usb.setup import (
+    DescriptorType,
+    SetupPacket,
+    TransferType,
+    clear_halt,
+    get_configuration,
+    get_descriptor,
+    set_configuration,
+    set_interface,
+)
+from emulator.usbip import (
+    NEED_DATA,
+    ClientConnection,
+    CmdSubmit,
+    CmdUnlink,
+    ConnectionClosed,
+    IsoPacketDescriptor,
+    OpDevlistReplyExtra,
+    OpRepDevlist,
+    OpRepImport,
+    OpReqDevlist,
+    OpReqImport,
+    ProtocolError,
+    RetSubmit,
+    RetUnlink,
+    UsbDevice,
+)
+from emulator.usbip.constants import (
+    ECONNRESET,
+    ENODEV,
+    ENOENT,
+    EOVERFLOW,
+    EPIPE,
+    EREMOTEIO,
+    ESHUTDOWN,
+    ST_DEV_BUSY,
+    ST_DEV_ERR,
+    ST_ERROR,
+    ST_NA,
+    ST_NODEV,
+    ST_OK,
+    URB_ISO_ASAP,
+    USBIP_DIR_IN,
+    USBIP_DIR_OUT,
+    USBIP_PORT,
+    USBIP_URB_DIR_IN,
+    LinuxErrno,
+    OpStatus,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT: Final = 5.0
+"""Seconds a transfer may take unless told otherwise: the kernel's USB_CTRL_GET_TIMEOUT (5000 ms)."""
+CONNECT_TIMEOUT: Final = 5.0
+"""Seconds to wait for the TCP connection and for the answer to OP_REQ_DEVLIST / OP_REQ_IMPORT."""
+UNLINK_TIMEOUT: Final = 2.0
+"""Seconds a server gets to answer CMD_UNLINK before the connection is declared dead."""
+ETIMEDOUT: Final = 110
+"""Linux's ETIMEDOUT, what usb_start_wait_urb() reports for a URB killed by its timeout."""
+
+_SOCKET_BUFFER = 4 << 20
+_WRITE_HIGH_WATER = 1 << 20
+
+# USB 2.0 §11.24.2: SET_FEATURE(PORT_RESET) to a hub port (bmRequestType USB_RT_PORT = class | other).
+# stub_rx.c is_reset_device_cmd() turns exactly this request into usb_reset_device().
+_PORT_RESET = SetupPacket(0x23, 0x03, 4, 0, 0)
+
+_STATUS_TEXT: Final = {
+    0: "success",
+    -EPIPE: "stall (endpoint halted)",
+    -EOVERFLOW: "babble (the device sent more than the buffer holds)",
+    -EREMOTEIO: "short packet (URB_SHORT_NOT_OK)",
+    -ECONNRESET: "unlinked",
+    -ENOENT: "unlinked",
+    -ESHUTDOWN: "device shut down",
+    -ENODEV: "no such device",
+    -LinuxErrno.EPROTO: "protocol error on the bus (bitstuff, no response)",
+    -LinuxErrno.EILSEQ: "CRC mismatch on the bus",
+    -LinuxErrno.ETIME: "no response from the device (bus timeout)",
+    -LinuxErrno.ENOSR: "host controller buffer underrun",
+    -LinuxErrno.ECOMM: "host controller buffer overrun",
+    -LinuxErrno.EXDEV: "isochronous transfer only partially completed",
+    -LinuxErrno.EINVAL: "invalid URB (the server refused it)",
+    -LinuxErrno.EMSGSIZE: "transfer size invalid for the endpoint",
+    -ETIMEDOUT: "timed out",
+}
+
+_OP_STATUS_TEXT: Final = {
+    ST_NA: "the device is not available (ST_NA)",
+    ST_DEV_BUSY: "the device is busy: another client has imported it (ST_DEV_BUSY)",
+    ST_DEV_ERR: "the device is in an error state (ST_DEV_ERR)",
+    ST_NODEV: "no such device is exported (ST_NODEV)",
+    ST_ERROR: "the request failed (ST_ERROR)",
+}
+
+
+def status_text(status: int) -> str:
+    """A readable name for a URB status (a negative Linux errno), e.g. -32 -> 'stall (endpoint halted)'."""
+    text = _STATUS_TEXT.get(status)
+    if text is not None:
+        return text
+    try:
+        return f"-{LinuxErrno(-status).name}"
+    except ValueError:
+        return f"status {status}"
+
+
+def op_status_text(status: int) -> str:
+    """A readable sentence for an op_common status (ST_NODEV, ST_DEV_BUSY, ...)."""
+    text = _OP_STATUS_TEXT.get(status)
+    if text is not None:
+        return text
+    try:
+        return f"the request failed ({OpStatus(status).name})"
+    except ValueError:
+        return f"the request failed (status {status})"
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+
+class HostError(VusbError):
+    """Base of every error the userspace host raises on purpose."""
+
+
+class HostConnectError(HostError):
+    """The server could not be reached (refused, unreachable, timed out)."""
+
+
+class ImportRefused(HostError):
+    """The server answered OP_REQ_IMPORT (or OP_REQ_DEVLIST) with a failure status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DeviceGone(HostError):
+    """The connection ended (server gone, closed, or it broke the protocol); every pending URB failed."""
+
+
+class UnsupportedTransfer(HostError):
+    """A transfer the endpoint (or the server) cannot do: wrong transfer type, unknown endpoint."""
+
+
+class TransferError(HostError):
+    """A URB completed with a non-zero status. `status` is the negative Linux errno from RET_SUBMIT, `data`
+    whatever IN data came with it, `actual_length` how many bytes moved."""
+
+    def __init__(self, message: str, *, status: int, endpoint: int, actual_length: int = 0,
+                 data: bytes = b"") -> None:
+        super().__init__(message)
+        self.status = status
+        self.endpoint = endpoint
+        self.actual_length = actual_length
+        self.data = data
+
+
+class StallError(TransferError):
+    """The endpoint answered with a STALL (status -EPIPE): halted, or a control request it refuses."""
+
+
+class TransferTimeout(TransferError):
+    """The URB did not complete in time; it was unlinked and the server confirmed the cancellation."""
+
+
+# -- URBs --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IsoPacketResult:
+    """One isochronous packet's outcome: its status and the bytes moved (IN data, or b"" for OUT)."""
+
+    status: int
+    actual_length: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class UrbResult:
+    """What the server reported for one URB. `unlinked` is True when a CMD_UNLINK cancelled it (then
+    `status` is the RET_UNLINK's, normally -ECONNRESET, and no data came back)."""
+
+    status: int
+    actual_length: int = 0
+    data: bytes = b""
+    unlinked: bool = False
+    start_frame: int = 0
+    error_count: int = 0
+    iso_packets: tuple[IsoPacketResult, ...] = ()
+
+
+def _silence(future: asyncio.Future[Any]) -> None:
+    """Mark a failed future's exception as seen: nobody may be waiting for a URB that failed on close."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Urb:
+    """One submitted URB: `await urb` (or `await device.wait(urb)`) gives its `UrbResult`.
+
+    Its timeout runs from submission; when it expires the URB is unlinked and `timed_out` is set.
+    """
+
+    __slots__ = ("_timer", "endpoint", "future", "iso_lengths", "length", "seqnum", "timed_out",
+                 "unlink_seqnum")
+
+    def __init__(self, seqnum: int, endpoint: int, length: int, future: asyncio.Future[UrbResult],
+                 iso_lengths: tuple[int, ...] = ()) -> None:
+        self.seqnum = seqnum
+        self.endpoint = endpoint
+        self.length = length
+        self.future = future
+        self.iso_lengths = iso_lengths
+        self.unlink_seqnum: int | None = None
+        self.timed_out = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def is_in(self) -> bool:
+        return bool(self.endpoint & 0x80)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def __await__(self) -> Any:
+        return self.future.__await__()
+
+    def _finish(self, result: UrbResult) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.future.done():
+            self.future.set_result(result)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "unlinking" if self.unlink_seqnum else "pending"
+        return f"<Urb seqnum={self.seqnum} ep={self.endpoint:#04x} length={self.length} {state}>"
+
+
+# -- the connection edge -----------------------------------------------------------------------------------
+
+
+class _Link(asyncio.Protocol):
+    """The socket edge of one connection: bytes into the core, events out to `on_event`, the end of the
+    connection to `on_lost` (exactly once)."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.conn = ClientConnection()
+        self.transport: asyncio.Transport | None = None
+        self.on_event: Callable[[object], None] = self._unexpected
+        self.on_lost: Callable[[HostError], None] = lambda error: None
+        self.lost: HostError | None = None
+        self.closing = False
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            why = f"the connection to {self.peer} was lost: {exc}"
+        elif self.closing:
+            why = "the device was closed"
+        else:
+            why = f"{self.peer} closed the connection (device unplugged or server stopped)"
+        self._lost(DeviceGone(why))
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- driving -----------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        while self.lost is None:
+            try:
+                event = conn.next_event()
+            except ProtocolError as exc:
+                self.abort(DeviceGone(f"{self.peer} broke the USB/IP protocol: {exc}"))
+                return
+            if event is NEED_DATA:
+                return
+            if isinstance(event, ConnectionClosed):
+                self._lost(DeviceGone(f"{self.peer} closed the connection (device unplugged or server "
+                                      "stopped)"))
+                return
+            self.on_event(event)
+
+    def _unexpected(self, event: object) -> None:  # pragma: no cover - the core only yields expected events
+        log.warning("%s: unexpected %r", self.peer, event)
+
+    def _lost(self, error: HostError) -> None:
+        if self.lost is None:
+            self.lost = error
+            self.on_lost(error)
+
+    def send(self, message: Any) -> None:
+        """Encode `message` with the core and write it in one piece."""
+        if self.lost is not None:
+            raise self.lost
+        transport = self.transport
+        assert transport is not None
+        transport.write(self.conn.send(message))
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        while self._paused and self.lost is None:
+            loop = asyncio.get_running_loop()
+            if self._drained is None or self._drained.done():
+                self._drained = loop.create_future()
+            await self._drained
+        if self.lost is not None:
+            raise self.lost
+
+    def abort(self, error: HostError) -> None:
+        """End the connection now because of `error` (which pending work will see)."""
+        self._lost(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def close(self, timeout: float = 2.0) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
+
+
+async def _connect(host: str, port: int, timeout: float | None) -> _Link:
+    loop = asyncio.get_running_loop()
+    peer = f"{host}:{port}"
+    try:
+        _, link = await asyncio.wait_for(loop.create_connection(lambda: _Link(peer), host, port), timeout)
+    except TimeoutError:
+        raise HostConnectError(f"cannot connect to {peer}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise HostConnectError(f"cannot connect to {peer}: {exc.strerror or exc}") from None
+    return link
+
+
+async def _operation(link: _Link, request: OpReqDevlist | OpReqImport, timeout: float | None) -> object:
+    """Send the one operation request of this connection and wait for its reply."""
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[object] = loop.create_future()
+    reply.add_done_callback(_silence)
+
+    def on_event(event: object) -> None:
+        if not reply.done():
+            reply.set_result(event)
+
+    def on_lost(error: HostError) -> None:
+        if not reply.done():
+            reply.set_exception(error)
+
+    link.on_event, link.on_lost = on_event, on_lost
+    link.send(request)
+    what = "OP_REQ_DEVLIST" if isinstance(request, OpReqDevlist) else "OP_REQ_IMPORT"
+    try:
+        return await asyncio.wait_for(asyncio.shield(reply), timeout)
+    except TimeoutError:
+        link.abort(DeviceGone(f"{link.peer} did not answer {what} within {timeout:g} s"))
+        raise HostError(f"{link.peer} did not answer {what} within {timeout:g} s") from None
+
+
+async def list_devices(host: str, port: int = USBIP_PORT, *,
+                       timeout: float | None = CONNECT_TIMEOUT) -> tuple[OpDevlistReplyExtra, ...]:
+    """The devices `host` exports (OP_REQ_DEVLIST), as usbipd describes them."""
+    link = await _connect(host, port, timeout)
+    try:
+        reply = await _operation(link, OpReqDevlist(), timeout)
+    finally:
+        await link.close()
+    assert isinstance(reply, OpRepDevlist)
+    if reply.status != ST_OK:
+        raise ImportRefused(f"{host}:{port} refused to list its devices: {op_status_text(reply.status)}",
+                            reply.status)
+    return reply.devices
+
+
+async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
+                        timeout: float | None = CONNECT_TIMEOUT) -> RemoteDevice:
+    """Import `busid` from `host` (OP_REQ_IMPORT) and enumerate it; close the result when done (or use
+    `async with`)."""
+    link = await _connect(host, port, timeout)
+    try:
+        reply = await _operation(link, OpReqImport(busid=busid), timeout)
+    except BaseException:
+        await link.close()
+        raise
+    assert isinstance(reply, OpRepImport)
+    if reply.status != ST_OK or reply.udev is None:
+        await link.close()
+        raise ImportRefused(f"cannot import {busid} from {host}:{port}: {op_status_text(reply.status)}",
+                            reply.status)
+    device = RemoteDevice(link, reply.udev, host=host, port=port)
+    try:
+        await device.enumerate(timeout=timeout if timeout is not None else DEFAULT_TIMEOUT)
+    except BaseException:
+        await device.close()
+        raise
+    log.info("imported %s from %s:%d: %04x:%04x", busid, host, port, device.device_descriptor.id_vendor,
+             device.device_descriptor.id_product)
+    return device
+
+
+# -- the device --------------------------------------------------------------------------------------------
+
+
+class RemoteDevice:
+    """An imported device: submit URBs, do control/bulk/interrupt/iso transfers, chapter-9 requests.
+
+    Endpoints are addresses with their direction bit (0x81 = IN 1, 0x02 = OUT 2), as in descriptors.
+    Must be used from the event loop that imported it.
+    """
+
+    def __init__(self, link: _Link, udev: UsbDevice, *, host: str = "", port: int = USBIP_PORT) -> None:
+        self._link = link
+        self.udev = udev
+        self.host = host
+        self.port = port
+        self.busid = udev.busid
+        self.devid = udev.devid
+        self._loop = asyncio.get_running_loop()
+        self._urbs: dict[int, Urb] = {}
+        self._unlinks: dict[int, Urb] = {}
+        self.device_descriptor = DeviceDescriptor()
+        self.configurations: tuple[Configuration, ...] = ()
+        self.raw_configurations: tuple[bytes, ...] = ()
+        self.configuration_value: int | None = None
+        self.alternate_settings: dict[int, int] = {}
+        self._langids: tuple[int, ...] | None = None
+        self._strings: dict[tuple[int, int], str] = {}
+        link.on_event = self._on_event
+        link.on_lost = self._on_lost
+
+    def __repr__(self) -> str:
+        d = self.device_descriptor
+        return f"<RemoteDevice {self.busid} on {self.host}:{self.port} {d.id_vendor:04x}:{d.id_product:04x}>"
+
+    @property
+    def speed(self) -> int:
+        """enum usb_device_speed as OP_REP_IMPORT reported it."""
+        return self.udev.speed
+
+    @property
+    def closed(self) -> bool:
+        return self._link.lost is not None
+
+    @property
+    def pending(self) -> int:
+        """URBs submitted and not answered yet."""
+        return len(self._urbs)
+
+    # -- dispatch (called by _Link inside data_received) ---------------------------------------------------
+
+    def _on_event(self, event: object) -> None:
+        if type(event) is RetSubmit:
+            urb = self._urbs.pop(event.seqnum, None)
+            if urb is None:  # pragma: no cover - the core rejects unknown seqnums first
+                return
+            isos: tuple[IsoPacketResult, ...] = ()
+            if event.iso_packet_descriptors:
+                isos = self._iso_results(urb, event)
+            urb._finish(UrbResult(event.status, event.actual_length, event.transfer_buffer,
+                                  start_frame=event.start_frame, error_count=event.error_count,
+                                  iso_packets=isos))
+        elif type(event) is RetUnlink:
+            urb = self._unlinks.pop(event.seqnum, None)
+            # Still pending: this RET_UNLINK finishes it (no RET_SUBMIT follows). Otherwise its RET_SUBMIT
+            # already overtook the unlink and the status-0 RET_UNLINK says nothing new.
+            if urb is not None and self._urbs.get(urb.seqnum) is urb:
+                del self._urbs[urb.seqnum]
+                urb._finish(UrbResult(event.status, unlinked=True))
+
+    @staticmethod
+    def _iso_results(urb: Urb, ret: RetSubmit) -> tuple[IsoPacketResult, ...]:
+        data = ret.transfer_buffer
+        position = 0
+        out = []
+        for descriptor in ret.iso_packet_descriptors:
+            chunk = b""
+            if urb.is_in:  # IN payload: the packets' actual bytes back to back (stub_tx.c strips padding)
+                chunk = data[position:position + descriptor.actual_length]
+                position += descriptor.actual_length
+            out.append(IsoPacketResult(descriptor.status, descriptor.actual_length, chunk))
+        return tuple(out)
+
+    def _on_lost(self, error: HostError) -> None:
+        urbs = list(self._urbs.values())
+        self._urbs.clear()
+        self._unlinks.clear()
+        if urbs:
+            log.info("%s: failing %d pending URBs: %s", self.busid, len(urbs), error)
+        for urb in urbs:
+            urb._fail(error)
+
+    # -- submitting ------------------------------------------------------------------------------------------
+
+    def submit(self, endpoint: int, data_or_length: bytes | bytearray | memoryview | int, *,
+               setup: SetupPacket | bytes | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+               transfer_flags: int = 0, iso_packets: Sequence[int] | None = None, interval: int = 0) -> Urb:
+        """Send one CMD_SUBMIT now and return its `Urb` without waiting.
+
+        `endpoint` is the address with its direction bit (0x00/0x80 for ep0 OUT/IN). IN takes a length,
+        OUT the data. `setup` is required on ep0. `iso_packets` (packet lengths) makes it isochronous.
+        The timeout starts now; None means no timeout (the URB then ends only with an answer, an unlink,
+        or the connection).
+        """
+        link = self._link
+        if link.lost is not None:
+            raise link.lost
+        number = endpoint & 0x0F
+        if endpoint & 0x70:
+            raise UnsupportedTransfer(f"endpoint address {endpoint:#04x} has reserved bits set")
+        direction = USBIP_DIR_IN if endpoint & 0x80 else USBIP_DIR_OUT
+        if isinstance(data_or_length, int):
+            if direction == USBIP_DIR_OUT and data_or_length:
+                raise UnsupportedTransfer(f"OUT endpoint {endpoint:#04x} takes data, not a length")
+            if data_or_length < 0:
+                raise UnsupportedTransfer(f"transfer length {data_or_length} is negative")
+            length, payload = data_or_length, b""
+        else:
+            if direction == USBIP_DIR_IN:
+                raise UnsupportedTransfer(f"IN endpoint {endpoint:#04x} takes a length, not data")
+            payload = bytes(data_or_length) if not isinstance(data_or_length, bytes) else data_or_length
+            length = len(payload)
+        if number == 0:
+            if setup is None:
+                raise UnsupportedTransfer("a control transfer on ep0 needs a SETUP packet")
+            setup_bytes = setup.to_bytes() if isinstance(setup, SetupPacket) else bytes(setup)
+        else:
+            if setup is not None:
+                raise UnsupportedTransfer(f"endpoint {endpoint:#04x} is not a control endpoint: no SETUP")
+            setup_bytes = bytes(8)
+        if direction == USBIP_DIR_IN:
+            transfer_flags |= USBIP_URB_DIR_IN  # vhci sends the URB's own direction flag
+        isos: tuple[IsoPacketDescriptor, ...] = ()
+        lengths: tuple[int, ...] = ()
+        if iso_packets is not None:
+            lengths = tuple(iso_packets)
+            if not lengths or any(n < 0 for n in lengths):
+                raise UnsupportedTransfer("an isochronous URB needs at least one packet, no negative lengths")
+            if sum(lengths) != length:
+                raise UnsupportedTransfer(f"iso packet lengths add up to {sum(lengths)}, the URB moves {length}")
+            offsets = [0]
+            for n in lengths[:-1]:
+                offsets.append(offsets[-1] + n)
+            isos = tuple(IsoPacketDescriptor(offset=o, length=n) for o, n in zip(offsets, lengths, strict=True))
+            transfer_flags |= URB_ISO_ASAP
+        conn = link.conn
+        seqnum = conn.next_seqnum()
+        cmd = CmdSubmit(seqnum=seqnum, devid=self.devid, direction=direction, ep=number,
+                        transfer_flags=transfer_flags, transfer_buffer_length=length,
+                        number_of_packets=len(isos), interval=interval, setup=setup_bytes,
+                        transfer_buffer=payload, iso_packet_descriptors=isos)
+        future: asyncio.Future[UrbResult] = self._loop.create_future()
+        urb = Urb(seqnum, endpoint, length, future, lengths)
+        link.send(cmd)  # a LocalProtocolError here leaves nothing registered
+        self._urbs[seqnum] = urb
+        if timeout is not None:
+            urb._timer = self._loop.call_later(timeout, self._expire, urb)
+        return urb
+
+    def _expire(self, urb: Urb) -> None:
+        urb._timer = None
+        if urb.done() or self._urbs.get(urb.seqnum) is not urb:
+            return
+        urb.timed_out = True
+        log.debug("%s: URB %d on %#04x timed out, unlinking", self.busid, urb.seqnum, urb.endpoint)
+        self._send_unlink(urb)
+
+    def _send_unlink(self, urb: Urb) -> None:
+        if urb.unlink_seqnum is not None or self._link.lost is not None:
+            return
+        conn = self._link.conn
+        seqnum = conn.next_seqnum()
+        self._link.send(CmdUnlink(seqnum=seqnum, devid=self.devid, unlink_seqnum=urb.seqnum))
+        urb.unlink_seqnum = seqnum
+        self._unlinks[seqnum] = urb
+        self._loop.call_later(UNLINK_TIMEOUT, self._unlink_overdue, urb)
+
+    def _unlink_overdue(self, urb: Urb) -> None:
+        if self._urbs.get(urb.seqnum) is urb and self._link.lost is None:
+            self._link.abort(DeviceGone(
+                f"{self._link.peer} did not answer the CMD_UNLINK of URB {urb.seqnum} within "
+                f"{UNLINK_TIMEOUT:g} s; the connection is considered dead"))
+
+    async def unlink(self, urb: Urb) -> UrbResult:
+        """Cancel `urb` (CMD_UNLINK) and return how it ended: `unlinked=True` if the server cancelled it,
+        or its real result if it completed first (the RET_SUBMIT won the race)."""
+        if not urb.done():
+            self._send_unlink(urb)
+        return await asyncio.shield(urb.future)
+
+    async def wait(self, urb: Urb) -> UrbResult:
+        """The result of `urb`. If the waiting task is cancelled, the URB is unlinked in the background."""
+        try:
+            return await asyncio.shield(urb.future)
+        except asyncio.CancelledError:
+            if not urb.done():
+                with contextlib.suppress(HostError):
+                    self._send_unlink(urb)
+            raise
+
+    async def drain(self) -> None:
+        """Wait until the socket takes more data (call between large OUT submissions)."""
+        await self._link.drain()
+
+    def check(self, urb: Urb, result: UrbResult, what: str = "") -> UrbResult:
+        """Raise the matching `TransferError` for a failed `result`, else return it."""
+        if result.status == 0 and not result.unlinked:
+            return result
+        label = what or f"transfer on endpoint {urb.endpoint:#04x}"
+        if result.unlinked and urb.timed_out:
+            raise TransferTimeout(f"{label} timed out (URB {urb.seqnum} unlinked)", status=-ETIMEDOUT,
+                                  endpoint=urb.endpoint)
+        text = status_text(result.status)
+        if result.unlinked:
+            text = f"unlinked ({status_text(result.status)})"
+        cls = StallError if result.status == -EPIPE and not result.unlinked else TransferError
+        raise cls(f"{label} failed: {text}", status=result.status, endpoint=urb.endpoint,
+                  actual_length=result.actual_length, data=result.data)
+
+    async def _run(self, endpoint: int, data_or_length: bytes | bytearray | memoryview | int,
+                   timeout: float | None, what: str, setup: SetupPacket | None = None,
+                   transfer_flags: int = 0) -> UrbResult:
+        urb = self.submit(endpoint, data_or_length, setup=setup, timeout=timeout, transfer_flags=transfer_flags)
+        if not isinstance(data_or_length, int) and len(data_or_length) > _WRITE_HIGH_WATER:
+            await self.drain()
+        return self.check(urb, await self.wait(urb), what)
+
+    # -- transfers -------------------------------------------------------------------------------------------
+
+    async def control_transfer(self, request_type: int, request: int, value: int = 0, index: int = 0,
+                               data_or_length: bytes | bytearray | memoryview | int = 0,
+                               timeout: float | None = DEFAULT_TIMEOUT) -> bytes | int:
+        """A control transfer on ep0: IN returns the bytes read, OUT the number of bytes written."""
+        is_in = bool(request_type & 0x80)
+        if is_in:
+            if not isinstance(data_or_length, int):
+                raise UnsupportedTransfer("an IN control request takes wLength, not data")
+            length = data_or_length
+        else:
+            if isinstance(data_or_length, int):
+                if data_or_length:
+                    raise UnsupportedTransfer("an OUT control request takes its data stage, not a length")
+                data_or_length = b""
+            length = len(data_or_length)
+        try:
+            setup = SetupPacket(request_type, request, value, index, length)
+        except UsbError as exc:
+            raise UnsupportedTransfer(f"bad control request: {exc}") from None
+        result = await self._run(0x80 if is_in else 0x00, data_or_length, timeout, f"control request {setup}",
+                                 setup=setup)
+        return result.data if is_in else result.actual_length
+
+    async def request(self, setup: SetupPacket, data: bytes = b"",
+                      timeout: float | None = DEFAULT_TIMEOUT) -> bytes | int:
+        """Run a prepared SETUP packet (e.g. from `emulator.usb.setup`'s builders)."""
+        return await self.control_transfer(setup.request_type, setup.request, setup.value, setup.index,
+                                           setup.length if setup.is_in else data, timeout)
+
+    def _check_type(self, endpoint: int, wanted: TransferType, direction_in: bool) -> None:
+        if bool(endpoint & 0x80) != direction_in:
+            raise UnsupportedTransfer(f"endpoint {endpoint:#04x} is an {'IN' if endpoint & 0x80 else 'OUT'} "
+                                      f"endpoint")
+        if endpoint & 0x0F == 0:
+            raise UnsupportedTransfer("endpoint 0 is the control endpoint: use control_transfer()")
+        descriptor = self.find_endpoint(endpoint)
+        if descriptor is not None and descriptor.transfer_type != wanted:
+            raise UnsupportedTransfer(f"endpoint {endpoint:#04x} is {descriptor.transfer_type.name.lower()}, "
+                                      f"not {wanted.name.lower()}")
+
+    async def bulk_in(self, endpoint: int, length: int, timeout: float | None = DEFAULT_TIMEOUT) -> bytes:
+        self._check_type(endpoint, TransferType.BULK, True)
+        return (await self._run(endpoint, length, timeout, f"bulk IN {endpoint:#04x}")).data
+
+    async def bulk_out(self, endpoint: int, data: bytes | bytearray | memoryview,
+                       timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        self._check_type(endpoint, TransferType.BULK, False)
+        return (await self._run(endpoint, data, timeout, f"bulk OUT {endpoint:#04x}")).actual_length
+
+    async def interrupt_in(self, endpoint: int, length: int, timeout: float | None = DEFAULT_TIMEOUT) -> bytes:
+        self._check_type(endpoint, TransferType.INTERRUPT, True)
+        return (await self._run(endpoint, length, timeout, f"interrupt IN {endpoint:#04x}")).data
+
+    async def interrupt_out(self, endpoint: int, data: bytes | bytearray | memoryview,
+                            timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        self._check_type(endpoint, TransferType.INTERRUPT, False)
+        return (await self._run(endpoint, data, timeout, f"interrupt OUT {endpoint:#04x}")).actual_length
+
+    async def _iso(self, endpoint: int, data_or_length: bytes | int, packets: Sequence[int],
+                   timeout: float | None) -> tuple[IsoPacketResult, ...]:
+        descriptor = self.find_endpoint(endpoint)
+        if descriptor is None or descriptor.transfer_type != TransferType.ISOCHRONOUS:
+            kind = "unknown" if descriptor is None else descriptor.transfer_type.name.lower()
+            raise UnsupportedTransfer(f"endpoint {endpoint:#04x} is {kind}, not isochronous in the active "
+                                      "configuration: refusing an isochronous transfer")
+        urb = self.submit(endpoint, data_or_length, timeout=timeout, iso_packets=packets,
+                          interval=descriptor.interval)
+        result = self.check(urb, await self.wait(urb), f"isochronous transfer on {endpoint:#04x}")
+        return result.iso_packets
+
+    async def iso_in(self, endpoint: int, packet_lengths: Sequence[int],
+                     timeout: float | None = DEFAULT_TIMEOUT) -> tuple[IsoPacketResult, ...]:
+        """One isochronous IN URB of len(packet_lengths) packets; per-packet status and data."""
+        return await self._iso(endpoint, sum(packet_lengths), packet_lengths, timeout)
+
+    async def iso_out(self, endpoint: int, packets: Sequence[bytes],
+                      timeout: float | None = DEFAULT_TIMEOUT) -> tuple[IsoPacketResult, ...]:
+        """One isochronous OUT URB carrying `packets`; per-packet status."""
+        return await self._iso(endpoint, b"".join(packets), [len(p) for p in packets], timeout)
+
+    # -- chapter 9 -------------------------------------------------------------------------------------------
+
+    async def get_descriptor(self, descriptor_type: int, index: int = 0, length: int = 0xFF,
+                             language: int = 0, timeout: float | None = DEFAULT_TIMEOUT) -> bytes:
+        data = await self.request(get_descriptor(descriptor_type, index, length, language), timeout=timeout)
+        assert isinstance(data, bytes)
+        return data
+
+    async def enumerate(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        """Read the device descriptor and every configuration with GET_DESCRIPTOR, as the hub driver does
+        after attach (usb_new_device -> usb_get_configuration)."""
+        raw = await self.get_descriptor(DescriptorType.DEVICE, 0, 18, timeout=timeout)
+        try:
+            device = DeviceDescriptor.from_bytes(raw)
+        except UsbError as exc:
+            raise HostError(f"{self.busid}: malformed device descriptor {raw.hex()}: {exc}") from None
+        configurations = []
+        raws = []
+        for index in range(device.num_configurations):
+            head = await self.get_descriptor(DescriptorType.CONFIGURATION, index, 9, timeout=timeout)
+            if len(head) < 4:
+                raise HostError(f"{self.busid}: configuration {index} header is {len(head)} bytes")
+            (total,) = struct.unpack_from("<H", head, 2)
+            full = await self.get_descriptor(DescriptorType.CONFIGURATION, index, total, timeout=timeout)
+            try:
+                configurations.append(parse_configuration(full))
+            except UsbError as exc:
+                raise HostError(f"{self.busid}: malformed configuration descriptor {index}: {exc}") from None
+            raws.append(full)
+        udev = self.udev
+        if (device.id_vendor, device.id_product) != (udev.idVendor, udev.idProduct):
+            log.warning("%s: the device descriptor says %04x:%04x, the import reply said %04x:%04x",
+                        self.busid, device.id_vendor, device.id_product, udev.idVendor, udev.idProduct)
+        self.device_descriptor = device
+        self.configurations = tuple(configurations)
+        self.raw_configurations = tuple(raws)
+
+    def configuration(self, value: int | None = None) -> Configuration | None:
+        """The configuration with bConfigurationValue `value` (default: the active one)."""
+        value = self.configuration_value if value is None else value
+        return next((c for c in self.configurations if c.descriptor.configuration_value == value), None)
+
+    def find_endpoint(self, address: int) -> EndpointDescriptor | None:
+        """`address`'s descriptor in the active configuration and alternate settings (or, before a
+        configuration is known, in any configuration's default settings)."""
+        configs = [c for c in (self.configuration(),) if c is not None] or list(self.configurations)
+        for config in configs:
+            for interface in config.interfaces:
+                alternate = interface.alternate(self.alternate_settings.get(interface.number, 0))
+                if alternate is None:
+                    continue
+                for endpoint in alternate.endpoints:
+                    if endpoint.address == address:
+                        return endpoint.descriptor
+        return None
+
+    async def langids(self, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[int, ...]:
+        """The LANGIDs of string descriptor 0 (empty if the device has no strings: it stalls)."""
+        if self._langids is None:
+            try:
+                raw = await self.get_descriptor(DescriptorType.STRING, 0, 0xFF, timeout=timeout)
+            except StallError:
+                self._langids = ()
+            else:
+                try:
+                    parsed = parse_string(raw, 0)
+                except UsbError as exc:
+                    raise HostError(f"{self.busid}: malformed LANGID list {raw.hex()}: {exc}") from None
+                assert isinstance(parsed, LanguageDescriptor)
+                self._langids = tuple(parsed.langids)
+        return self._langids
+
+    async def get_string(self, index: int, langid: int | None = None,
+                         timeout: float | None = DEFAULT_TIMEOUT) -> str | None:
+        """String descriptor `index` (None for index 0, which means "no string")."""
+        if index == 0:
+            return None
+        if langid is None:
+            langids = await self.langids(timeout)
+            if not langids:
+                raise HostError(f"{self.busid}: the device has no string descriptors (no LANGIDs)")
+            langid = langids[0]
+        key = (index, langid)
+        if key not in self._strings:
+            raw = await self.get_descriptor(DescriptorType.STRING, index, 0xFF, langid, timeout=timeout)
+            try:
+                parsed = parse_string(raw, index)
+            except UsbError as exc:
+                raise HostError(f"{self.busid}: malformed string descriptor {index}: {exc}") from None
+            assert isinstance(parsed, StringDescriptor)
+            self._strings[key] = parsed.string
+        return self._strings[key]
+
+    async def get_configuration(self, timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        data = await self.request(get_configuration(), timeout=timeout)
+        assert isinstance(data, bytes)
+        if len(data) != 1:
+            raise HostError(f"{self.busid}: GET_CONFIGURATION returned {len(data)} bytes, not 1")
+        self.configuration_value = data[0]
+        return data[0]
+
+    async def set_configuration(self, value: int = 1, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        if value and self.configuration(value) is None:
+            known = sorted(c.descriptor.configuration_value for c in self.configurations)
+            raise HostError(f"{self.busid}: no configuration {value} (the device has {known})")
+        await self.request(set_configuration(value), timeout=timeout)
+        self.configuration_value = value
+        self.alternate_settings.clear()
+
+    async def set_interface(self, interface: int, alternate: int,
+                            timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        await self.request(set_interface(interface, alternate), timeout=timeout)
+        self.alternate_settings[interface] = alternate
+
+    async def clear_halt(self, endpoint: int, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        """CLEAR_FEATURE(ENDPOINT_HALT) on `endpoint`, as usb_clear_halt() sends it."""
+        await self.request(clear_halt(endpoint), timeout=timeout)
+
+    async def reset(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        """USB port reset (the hub request the stub turns into usb_reset_device()); the device is then
+        unconfigured."""
+        await self.request(_PORT_RESET, timeout=timeout)
+        self.configuration_value = 0
+        self.alternate_settings.clear()
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Release the device: close the connection (the server then frees it for other importers);
+        URBs still pending fail with DeviceGone."""
+        await self._link.close()
+
+    async def __aenter__(self) -> RemoteDevice:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "UNLINK_TIMEOUT",
+    "DeviceGone",
+    "HostConnectError",
+    "HostError",
+    "ImportRefused",
+    "IsoPacketResult",
+    "RemoteDevice",
+    "StallError",
+    "TransferError",
+    "TransferTimeout",
+    "UnsupportedTransfer",
+    "Urb",
+    "UrbResult",
+    "import_device",
+    "list_devices",
+    "op_status_text",
+    "status_text",
+]
