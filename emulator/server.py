@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -425,3 +426,42 @@ class UsbipServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class ServerThread:
+    """A `UsbipServer` on its own event loop in a background thread, for synchronous code and tests.
+
+    with ServerThread([hid_keyboard_device(kb)]) as server:
+        subprocess.run(["usbip", "--tcp-port", str(server.port), "attach", "-r", "127.0.0.1", "-b", "1-1"])
+    """
+
+    def __init__(self, devices: Sequence[Device] | Mapping[str, Device], **options: object) -> None:
+        options.setdefault("port", 0)
+        self.server = UsbipServer(devices, **options)  # type: ignore[arg-type]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vusb-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(30)
+        return self
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
