@@ -455,6 +455,14 @@ def imported_ports() -> dict[int, str]:
     return parse_usbip_port(run(["usbip", "port"]).stdout)
 
 
+def _imported_ports_or_none() -> dict[int, str] | None:
+    # `usbip port` fails now and then while a vhci port changes state ("open vhci_driver"): a poll retries.
+    try:
+        return imported_ports()
+    except GuestError:
+        return None
+
+
 def parse_usbip_port(out: str) -> dict[int, str]:
     """`usbip port` output -> {vhci port: 'host:tcpport/remote busid'}."""
     ports: dict[int, str] = {}
@@ -476,8 +484,16 @@ def usbip_attach(host: str, busid: str, *, port: int = USBIP_PORT, timeout: floa
     modprobe("vhci-hcd")
     usbip("attach", "-r", host, "-b", busid, port=port, timeout=timeout)
     want = f"{host}:{port}/{busid}"
+
+    def landed() -> int | None:
+        try:
+            ports = imported_ports()
+        except GuestError:  # `usbip port` fails while the new device is still enumerating (no sysfs node yet)
+            return None
+        return next((p for p, url in ports.items() if url == want), None)
+
     return poll(
-        lambda: next((p for p, url in imported_ports().items() if url == want), None),
+        landed,
         timeout=timeout,
         what=f"{want} to show in `usbip port`",
     )
@@ -485,7 +501,11 @@ def usbip_attach(host: str, busid: str, *, port: int = USBIP_PORT, timeout: floa
 
 def usbip_detach(vhci_port: int) -> None:
     usbip("detach", "-p", str(vhci_port))
-    poll(lambda: vhci_port not in imported_ports(), timeout=20, what=f"vhci port {vhci_port} to be released")
+    poll(
+        lambda: vhci_port not in (_imported_ports_or_none() or {vhci_port: "?"}),
+        timeout=20,
+        what=f"vhci port {vhci_port} to be released",
+    )
 
 
 @contextlib.contextmanager
@@ -495,5 +515,6 @@ def usbip_attached(host: str, busid: str, *, port: int = USBIP_PORT) -> Iterator
     try:
         yield vhci_port
     finally:
-        if vhci_port in imported_ports():
+        ports = poll(_imported_ports_or_none, timeout=20, what="`usbip port` to answer")
+        if vhci_port in ports:
             usbip_detach(vhci_port)

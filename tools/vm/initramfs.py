@@ -15,9 +15,11 @@ import gzip
 import hashlib
 import logging
 import lzma
+import os
 import shutil
 import struct
 import subprocess
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +235,14 @@ def build_image(modules: Sequence[Path], busybox: bytes) -> bytes:
     return cpio.finish()
 
 
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a unique temporary file and rename, so concurrent runs never see a torn file."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Initramfs:
     path: Path
@@ -258,10 +268,8 @@ def ensure_initramfs(kernel: GuestKernel, cache: Path | None = None) -> Initramf
     if path.is_file() and key_file.is_file() and key_file.read_text().strip() == key:
         return Initramfs(path, names)
     log.info("vm: building %s (%d modules: %s)", path, len(names), " ".join(names))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(gzip.compress(image, compresslevel=6, mtime=0))
-    tmp.replace(path)
-    key_file.write_text(key + "\n")
+    _atomic_write(path, gzip.compress(image, compresslevel=6, mtime=0))
+    _atomic_write(key_file, key.encode() + b"\n")
     for stale in out_dir.iterdir():
         if not stale.name.startswith(kernel.release + "."):
             stale.unlink(missing_ok=True)

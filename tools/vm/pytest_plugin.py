@@ -202,7 +202,8 @@ class HostSide:
         base.mkdir(exist_ok=True)
         old = sorted(base.glob("kernel-suite-*"))
         for stale in old[: max(0, len(old) - KEEP_RUN_DIRS + 1)]:
-            shutil.rmtree(stale, ignore_errors=True)
+            if time.time() - stale.stat().st_mtime > 3600:  # never a concurrent run's live directory
+                shutil.rmtree(stale, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=time.strftime("kernel-suite-%Y%m%d-%H%M%S-"), dir=base))
 
     def _guest_command(self) -> list[str]:
@@ -211,7 +212,8 @@ class HostSide:
         argv += ["--rootdir", str(self.config.rootpath)]
         if self.config.inipath is not None:
             argv += ["-c", str(self.config.inipath)]
-        argv += ["-o", "console_output_style=classic", "-v" if self.config.option.verbose > 0 else "-q"]
+        # One line per test, streamed to the host's terminal as it happens (progress in a long CI log).
+        argv += ["-o", "console_output_style=classic", "-v"]
         return [*argv, *(i.nodeid for i in self.kernel_items)]
 
     def _run_suite(self) -> SuiteOutcome:
@@ -223,13 +225,13 @@ class HostSide:
         run_dir = self._run_dir()
         outcome.run_dir = run_dir
         results = run_dir / "results.jsonl"
-        verbose = self.config.option.verbose > 0
+        stream = self.config.option.verbose >= 0  # -q silences the guest's live output (still in the logs)
 
         pending = {"stdout": "", "stderr": ""}
 
-        def sink(stream: str, text: str) -> None:
+        def sink(name: str, text: str) -> None:
             # Whole lines only: the guest's output arrives in arbitrary chunks.
-            *lines, pending[stream] = (pending[stream] + text).split("\n")
+            *lines, pending[name] = (pending[name] + text).split("\n")
             if tr is not None:
                 for line in lines:
                     tr.write_line(f"[vm] {line}")
@@ -248,7 +250,7 @@ class HostSide:
                 cwd=self.config.rootpath,
                 mem_mb=self.config.getoption("vm_mem"),
                 io_dir=run_dir,
-                on_output=sink if verbose else None,
+                on_output=sink if stream else None,
             )
         except VmTimeout as exc:
             outcome.error = str(exc)

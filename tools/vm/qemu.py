@@ -85,7 +85,9 @@ def kvm_works(qemu: str, smp: int, kernel: Path, initrd: Path, cache: Path) -> b
     if not ok:
         log.info("vm: /dev/kvm is present but a guest does not boot under KVM here: using TCG")
     cache.mkdir(parents=True, exist_ok=True)
-    verdict_file.write_text(json.dumps({"key": key, "kvm": ok}) + "\n")
+    tmp = verdict_file.with_name(f"accel.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "kvm": ok}) + "\n")
+    tmp.replace(verdict_file)
     return ok
 
 
