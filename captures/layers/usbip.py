@@ -770,3 +770,32 @@ _URB_CLASSES: dict[int, type[Packet]] = {
 
 bind_layers(TCP, USBIP, sport=USBIP_PORT)
 bind_layers(TCP, USBIP, dport=USBIP_PORT)
+
+
+def dissect_message(data: bytes, *, direction: int | None = None) -> Packet:
+    """One standalone message; for a RET_SUBMIT, `direction` is its CMD_SUBMIT's (else inferred from the length).
+
+    The counterpart of the core's `emulator.usbip.unpack(data, direction=...)`, for rich dissection.
+    """
+    conv = UsbipConversation()
+    if direction is not None and _is_urb_header(data) and data[3] == USBIP_RET_SUBMIT and len(data) >= 8:
+        seqnum = struct.unpack_from(">I", data, 4)[0]
+        conv.submits[seqnum] = SubmitInfo(direction, -1, 0, b"\0" * 8, 0)
+    with dissecting(conv, single_message=True):
+        return USBIP(data)
+
+
+def usbip_messages(pkt: Packet) -> list[Packet]:
+    """The USB/IP messages of a dissected packet, in order (a segment may chain several)."""
+    out = []
+    layer = pkt.getlayer(USBIP)
+    while layer is not None and isinstance(layer, USBIP):
+        out.append(layer)
+        layer = layer.payload if isinstance(layer.payload, USBIP) else None
+    return out
+
+
+def message_bytes(layer: Packet) -> bytes:
+    """The wire bytes of one message layer, without the messages chained after it."""
+    whole = bytes(layer)
+    return whole[: len(whole) - len(bytes(layer.payload))] if layer.payload else whole
