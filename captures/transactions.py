@@ -373,6 +373,7 @@ class _Pairer:
         self.usbmon_bot: dict[tuple[int, int], _BotDevice] = {}
         self.tcp_frames = 0
         self.fragment_warned = False
+        self._stream_base = 0
 
     # -- driver ------------------------------------------------------------------------------------------------
 
@@ -748,6 +749,7 @@ class _Pairer:
         pending = conn.pending
         transactions = self.transactions
         start = pos
+        self._stream_base = flow.consumed - start  # stream offset of b[0], for error messages
         while end - pos >= 8:
             if b[pos] == 0 and b[pos + 1] == 0 and b[pos + 2] == 0:
                 command = b[pos + 3]
@@ -908,7 +910,7 @@ class _Pairer:
         if conn.phase == "urb":
             raise CaptureError(
                 f"{conn.name}: OP message 0x{code:04x} after the connection switched to URB traffic "
-                f"(stream offset {flow.consumed + pos})",
+                f"(stream offset {self._stream_base + pos})",
                 frame=number,
                 path=self.analysis.source,
             )
@@ -962,7 +964,7 @@ class _Pairer:
                 t.actual_length = ndev
             return size
         raise CaptureError(
-            f"{conn.name}: unknown USB/IP operation code 0x{code:04x} at stream offset {flow.consumed + pos}",
+            f"{conn.name}: unknown USB/IP operation code 0x{code:04x} at stream offset {self._stream_base + pos}",
             frame=number,
             path=self.analysis.source,
         )
@@ -979,7 +981,7 @@ class _Pairer:
 
     def _garbage(self, flow: _Flow, b: bytes | bytearray, pos: int, number: int) -> None:
         raise CaptureError(
-            f"{flow.conn.name}: bytes at stream offset {flow.consumed + pos} are not a USB/IP message "
+            f"{flow.conn.name}: bytes at stream offset {self._stream_base + pos} are not a USB/IP message "
             f"({bytes(b[pos : pos + 8]).hex(' ')})",
             frame=number,
             path=self.analysis.source,
