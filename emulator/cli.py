@@ -57,6 +57,10 @@ def _register_commands() -> None:
 
     cli.add_command(dissect_command)
 
+    from emulator.cli_host import register as register_host_commands
+
+    register_host_commands(cli)  # list, info, disk dump|write, demo
+
 
 _register_commands()
 
