@@ -24,7 +24,7 @@ from tools.vm.initramfs import (
 from tools.vm.kernel import GuestKernel, parse_apt_depends, parse_apt_version
 from tools.vm.pytest_plugin import SuiteOutcome, parse_results
 from tools.vm.qemu import QemuConfig, command_line, kernel_append
-from tools.vm.runner import command_script, guest_environment, stage2_script, writable_dirs
+from tools.vm.runner import command_script, console_tail, guest_environment, stage2_script, writable_dirs
 
 SHOW_DEPENDS_9P = """\
 insmod /k/lib/modules/6.1.0-56-amd64/kernel/net/9p/9pnet.ko
@@ -284,3 +284,10 @@ def test_cli_run_without_a_command_exits_2_with_usage():
     )
     assert res.returncode == 2
     assert "no command given" in res.stderr
+
+
+def test_console_tail_keeps_the_panic_reason_above_a_long_stack_dump():
+    text = "\n".join(["boot"] * 50 + ["Kernel panic - not syncing: sysrq triggered crash"] + ["trace"] * 60)
+    tail = console_tail(text, lines=40)
+    assert tail.splitlines()[0].startswith("Kernel panic") and len(tail.splitlines()) == 61
+    assert console_tail("a\nb\nc", lines=2) == "b\nc"

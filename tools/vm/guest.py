@@ -502,7 +502,7 @@ def usbip_attach(host: str, busid: str, *, port: int = USBIP_PORT, timeout: floa
 def usbip_detach(vhci_port: int) -> None:
     usbip("detach", "-p", str(vhci_port))
     poll(
-        lambda: vhci_port not in (_imported_ports_or_none() or {vhci_port: "?"}),
+        lambda: (ports := _imported_ports_or_none()) is not None and vhci_port not in ports,
         timeout=20,
         what=f"vhci port {vhci_port} to be released",
     )

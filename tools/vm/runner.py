@@ -135,12 +135,25 @@ def command_script(cmd: str | Sequence[str], cwd: Path) -> str:
     return f"cd {shlex.quote(str(cwd))} || exit 125\n{body}\n"
 
 
+_ALERTS = ("Kernel panic", "BUG:", "Oops:", "vusb-vm: init failed", "Attempted to kill init")
+
+
+def console_tail(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
+    """The end of the console; if a panic/oops/init-failure line sits above that window, start from it
+    (a panic's stack dump alone would push the reason out of view)."""
+    all_lines = text.rstrip().splitlines()
+    start = max(0, len(all_lines) - lines)
+    alert = next((i for i, line in enumerate(all_lines) if any(a in line for a in _ALERTS)), None)
+    if alert is not None and alert < start:
+        start = max(alert, len(all_lines) - 3 * lines)
+    return "\n".join(all_lines[start:])
+
+
 def _tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     try:
-        text = path.read_text(errors="replace")
+        return console_tail(path.read_text(errors="replace"), lines)
     except OSError:
         return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def _read(path: Path) -> str:
