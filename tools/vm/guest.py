@@ -87,8 +87,10 @@ def modprobe(*modules: str, **params: object) -> None:
         raise GuestError("modprobe: no module named")
     if params and len(modules) != 1:
         raise GuestError("modprobe: parameters can only be given for one module at a time")
-    for module in modules:
-        run(["modprobe", module, *(f"{k}={v}" for k, v in params.items())])
+    if params:
+        run(["modprobe", modules[0], *(f"{k}={v}" for k, v in params.items())])
+    else:
+        run(["modprobe", "-a", *modules])  # one process: each exec costs ~0.3 s under TCG
 
 
 def module_loaded(module: str) -> bool:
