@@ -33,6 +33,7 @@ from emulator.usb.setup import SetupPacket
 from emulator.usbip import (
     NEED_DATA,
     ConnectionClosed,
+    Phase,
     ServerConnection,
 )
 from emulator.usbip.codec import DEFAULT_LIMITS, Limits
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 USBIP_PORT = 3240
 _READ_SIZE = 1 << 18
 _HIGH_WATER = 4 << 20
+_IOV_MAX = 512
 
 # USB 2.0 11.24.2: hub class request SET_FEATURE(PORT_RESET) — bmRequestType 0x23 (class, other)
 _PORT_RESET_REQUEST = (0x23, 0x03, 4)
@@ -224,54 +226,149 @@ class UrbDispatcher:
 
 
 class _Session:
-    """One TCP connection: the sans-I/O connection, and after an import, the dispatcher."""
+    """One TCP connection: a non-blocking socket on the event loop, the sans-I/O connection, and after an
+    import, the dispatcher. Replies go out with `sendmsg` (header and payload as separate buffers, so a
+    64 KiB READ is never copied in Python); what the socket does not take at once waits in `_out` and reading
+    pauses until it drains."""
 
-    def __init__(
-        self, server: UsbipServer, cid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ):
+    def __init__(self, server: UsbipServer, cid: int, sock: socket.socket, peer: str) -> None:
         self.server = server
         self.cid = cid
-        self.reader = reader
-        self.writer = writer
+        self.sock = sock
+        self.peer = peer
+        self.loop = asyncio.get_running_loop()
         self.conn = ServerConnection(limits=server.limits)
         self.export: Export | None = None
         self.dispatcher: UrbDispatcher | None = None
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.closed = asyncio.Event()
+        self._out: deque[bytes | memoryview] = deque()
+        self._out_bytes = 0
+        self._reading = False
+        self._closing: str | None = None
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._resume_reading()
 
-    def _send(self, out: list[bytes]) -> None:
-        if not out:
+    # -- socket edge ----------------------------------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._closing is None:
+            self.loop.add_reader(self.sock, self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.sock)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
             return
-        data = b"".join(out)
+        except OSError as exc:
+            self.close(f"connection lost: {exc}")
+            return
+        if data and self.server.tap is not None:
+            self.server.tap(self.cid, True, data)
+        try:
+            self.conn.receive_data(data)
+            out: list[bytes] = []
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, ConnectionClosed):
+                    self._send(out)
+                    self.close("closed by peer")
+                    return
+                self._handle(event, out)
+            self._send(out)
+        except ProtocolError as exc:
+            log.warning("%s: closing connection: %s", self.peer, exc)
+            self.close(f"protocol error: {exc}")
+            return
+        if self.conn.phase is Phase.DONE:
+            self.close("operation done")
+
+    def _send(self, parts: list[bytes]) -> None:
+        if not parts or (self._closing is not None and self.sock.fileno() < 0):
+            return
         if self.server.tap is not None:
-            self.server.tap(self.cid, False, data)
-        self.writer.write(data)
+            self.server.tap(self.cid, False, b"".join(parts))
+        if self._out:
+            self._out.extend(parts)
+            self._out_bytes += sum(map(len, parts))
+        else:
+            self._out.extend(parts)
+            self._out_bytes += sum(map(len, parts))
+            self._flush()
+        if self._out_bytes > _HIGH_WATER:
+            self._pause_reading()
+
+    def _flush(self) -> None:
+        out = self._out
+        while out:
+            batch = [out[i] for i in range(min(len(out), _IOV_MAX))]
+            try:
+                sent = self.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                out.clear()
+                self._out_bytes = 0
+                self.loop.remove_writer(self.sock)
+                self.close(f"connection lost: {exc}")
+                return
+            self._out_bytes -= sent
+            while sent:
+                head = out[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    out.popleft()
+                else:
+                    out[0] = memoryview(head)[sent:]
+                    sent = 0
+        if out:
+            self.loop.add_writer(self.sock, self._flush)
+            return
+        self.loop.remove_writer(self.sock)
+        if self._closing is not None:
+            self._finish()
+        elif self._out_bytes <= _HIGH_WATER:
+            self._resume_reading()
+
+    # -- USB/IP -------------------------------------------------------------------------------------------
 
     def on_wakeup(self) -> None:
         """Called on the loop (via call_soon_threadsafe) when the device may complete queued URBs."""
-        if self.dispatcher is None or self.writer.is_closing():
+        if self.dispatcher is None or self._closing is not None:
             return
-        self._send([self.conn.complete(ret) for ret in self.dispatcher.retry()])
+        out: list[bytes] = []
+        for ret in self.dispatcher.retry():
+            out += self.conn.complete_iov(ret)
+        self._send(out)
 
     def _handle(self, event: object, out: list[bytes]) -> None:
-        if isinstance(event, CmdSubmit):
+        if type(event) is CmdSubmit:
             assert self.dispatcher is not None
             ret = self.dispatcher.submit(event)
             if ret is not None:
-                out.append(self.conn.complete(ret))
+                out += self.conn.complete_iov(ret)
         elif isinstance(event, CmdUnlink):
             assert self.dispatcher is not None
             self.dispatcher.unlink(event.unlink_seqnum)
-            out.append(self.conn.send(self.conn.ret_unlink_for(event.seqnum)))
+            out += self.conn.send_iov(self.conn.ret_unlink_for(event.seqnum))
         elif isinstance(event, OpReqDevlist):
             devices = tuple(
                 OpDevlistReplyExtra(udev=e.usb_device(), uinf=e.interfaces())
                 for e in self.server.exports.values()
             )
             log.info("%s: device list (%d devices)", self.peer, len(devices))
-            out.append(self.conn.send(OpRepDevlist(status=ST_OK, devices=devices)))
+            out += self.conn.send_iov(OpRepDevlist(status=ST_OK, devices=devices))
         elif isinstance(event, OpReqImport):
-            out.append(self.conn.send(self._import(event.busid)))
+            out += self.conn.send_iov(self._import(event.busid))
 
     def _import(self, busid: str) -> OpRepImport:
         export = self.server.exports.get(busid)
@@ -287,49 +384,29 @@ class _Session:
         self.export = export
         export.device.reset()
         self.dispatcher = UrbDispatcher(export.device)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         export.device.set_wakeup(lambda: loop.call_soon_threadsafe(self.on_wakeup))
         log.info("%s: imported %s (%r)", self.peer, busid, export.device)
         return OpRepImport(status=ST_OK, udev=export.usb_device())
 
-    async def run(self) -> None:
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = self.conn
-        reason = "closed by peer"
-        try:
-            while True:
-                data = await self.reader.read(_READ_SIZE)
-                if data and self.server.tap is not None:
-                    self.server.tap(self.cid, True, data)
-                conn.receive_data(data)
-                out: list[bytes] = []
-                closed = False
-                while True:
-                    event = conn.next_event()
-                    if event is NEED_DATA:
-                        break
-                    if isinstance(event, ConnectionClosed):
-                        closed = True
-                        break
-                    self._handle(event, out)
-                self._send(out)
-                if closed or conn.phase.name == "DONE":
-                    reason = "done" if not closed else "closed by peer"
-                    break
-                if self.writer.transport.get_write_buffer_size() > _HIGH_WATER:
-                    await self.writer.drain()
-            await self.writer.drain()
-        except ProtocolError as exc:
-            reason = f"protocol error: {exc}"
-            log.warning("%s: closing connection: %s", self.peer, exc)
-        except (ConnectionError, OSError) as exc:
-            reason = f"connection lost: {exc}"
-            log.info("%s: connection lost: %s", self.peer, exc)
-        finally:
-            self.release(reason)
+    # -- ending ---------------------------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Stop reading, release the device, and close once what is queued has been sent."""
+        if self._closing is not None:
+            return
+        self._closing = reason
+        self._pause_reading()
+        self.release(reason)
+        if not self._out:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_writer(self.sock)
+            self.sock.close()
+        self.server._sessions.discard(self)
+        self.closed.set()
 
     def release(self, reason: str) -> None:
         if self.export is not None:
@@ -340,8 +417,6 @@ class _Session:
             self.export.device.reset()
             self.export.importer = None
             self.export = None
-        if not self.writer.is_closing():
-            self.writer.close()
 
 
 class UsbipServer:
@@ -368,38 +443,54 @@ class UsbipServer:
         self.port = port
         self.limits = limits
         self.tap = tap
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
         self._sessions: set[_Session] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._next_cid = 0
+        self._stopped: asyncio.Event | None = None
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
         try:
-            self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
+            infos = await loop.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        self.port = self._server.sockets[0].getsockname()[1]
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self._listeners.append(sock)
+        loop.add_reader(sock, self._on_accept, sock)
         log.info("listening on %s:%d, exporting %s", self.host, self.port, ", ".join(self.exports))
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._next_cid += 1
-        session = _Session(self, self._next_cid, reader, writer)
-        self._sessions.add(session)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await session.run()
-        finally:
-            self._sessions.discard(session)
-            if task is not None:
-                self._tasks.discard(task)
+    def _on_accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            self._next_cid += 1
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            log.info("connection %d from %s", self._next_cid, peer)
+            self._sessions.add(_Session(self, self._next_cid, sock, peer))
 
     async def serve_forever(self) -> None:
-        if self._server is None:
+        if not self._listeners:
             await self.start()
-        assert self._server is not None
-        await self._server.serve_forever()
+        assert self._stopped is not None
+        await self._stopped.wait()
 
     @property
     def sessions(self) -> int:
@@ -407,18 +498,23 @@ class UsbipServer:
 
     async def close(self) -> None:
         """Stop accepting, end every session (queued URBs are dropped), then flush and sync the devices."""
-        if self._server is not None:
-            self._server.close()
-        for session in list(self._sessions):
-            session.release("server shutting down")
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-            self._server = None
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            loop.remove_reader(sock)
+            sock.close()
+        self._listeners.clear()
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.close("server shutting down")
+        if sessions:
+            await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in sessions], timeout=5)
+        for session in list(self._sessions):  # a peer that never read its replies: drop them
+            session._out.clear()
+            session._finish()
         for export in self.exports.values():
             export.device.close()
+        if self._stopped is not None:
+            self._stopped.set()
 
     async def __aenter__(self) -> UsbipServer:
         await self.start()

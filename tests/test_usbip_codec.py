@@ -640,3 +640,14 @@ def test_packing_something_that_is_not_a_message_is_a_type_error():
 def test_local_and_remote_errors_are_both_vusb_errors():
     assert issubclass(LocalProtocolError, VusbError) and issubclass(RemoteProtocolError, VusbError)
     assert not issubclass(LocalFieldError, RemoteProtocolError)
+
+
+@given(any_message)
+def test_pack_iov_joined_equals_pack_and_keeps_the_payload_uncopied(message):
+    from emulator.usbip.codec import pack_iov
+
+    iov = pack_iov(message)
+    assert b"".join(iov) == pack(message)
+    payload = getattr(message, "transfer_buffer", b"")
+    if payload and not getattr(message, "iso_packet_descriptors", ()):
+        assert iov[1] is payload

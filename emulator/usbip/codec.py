@@ -801,7 +801,7 @@ def _check_packets(
     return niso
 
 
-def _pack_cmd_submit(m: CmdSubmit) -> bytes:
+def _iov_cmd_submit(m: CmdSubmit) -> list[bytes]:
     name, seqnum = "USBIP_CMD_SUBMIT", m.seqnum
     tb = m.transfer_buffer
     if m.direction == USBIP_DIR_OUT:
@@ -857,11 +857,11 @@ def _pack_cmd_submit(m: CmdSubmit) -> bytes:
     except struct.error as error:
         raise _diagnose(name, seqnum, _CMD_SUBMIT_FIELDS, values, "", error) from None
     if niso:
-        return b"".join((header, tb, _pack_isos(name, seqnum, isos)))
-    return header + tb if tb else header
+        return [header, tb, _pack_isos(name, seqnum, isos)]
+    return [header, tb] if tb else [header]
 
 
-def _pack_ret_submit(m: RetSubmit) -> bytes:
+def _iov_ret_submit(m: RetSubmit) -> list[bytes]:
     name, seqnum = "USBIP_RET_SUBMIT", m.seqnum
     tb = m.transfer_buffer
     actual_length = m.actual_length
@@ -902,8 +902,8 @@ def _pack_ret_submit(m: RetSubmit) -> bytes:
     except struct.error as error:
         raise _diagnose(name, seqnum, _RET_SUBMIT_FIELDS, values, "", error) from None
     if niso:
-        return b"".join((header, tb, _pack_isos(name, seqnum, isos)))
-    return header + tb if tb else header
+        return [header, tb, _pack_isos(name, seqnum, isos)]
+    return [header, tb] if tb else [header]
 
 
 def _pack_cmd_unlink(m: CmdUnlink) -> bytes:
@@ -1034,6 +1034,19 @@ def _pack_op_rep_devlist(m: OpRepDevlist) -> bytes:
     return b"".join(parts)
 
 
+def _pack_cmd_submit(m: CmdSubmit) -> bytes:
+    return b"".join(_iov_cmd_submit(m))
+
+
+def _pack_ret_submit(m: RetSubmit) -> bytes:
+    return b"".join(_iov_ret_submit(m))
+
+
+_IOV_PACKERS: Final[dict[type, Callable[[Any], list[bytes]]]] = {
+    CmdSubmit: _iov_cmd_submit,
+    RetSubmit: _iov_ret_submit,
+}
+
 _PACKERS: Final[dict[type, Callable[[Any], bytes]]] = {
     CmdSubmit: _pack_cmd_submit,
     RetSubmit: _pack_ret_submit,
@@ -1054,6 +1067,15 @@ def pack(message: Message) -> bytes:
     return packer(message)
 
 
+def pack_iov(message: Message) -> list[bytes]:
+    """Like `pack`, as a list of buffers whose concatenation is the wire bytes: a transfer buffer stays its
+    own (uncopied) element, for `socket.sendmsg` or `writelines` on the hot path."""
+    iov = _IOV_PACKERS.get(type(message))
+    if iov is not None:
+        return iov(message)
+    return [pack(message)]
+
+
 __all__ = [
     "DEFAULT_LIMITS",
     "MESSAGE_NAMES",
@@ -1065,6 +1087,7 @@ __all__ = [
     "Reader",
     "message_name",
     "pack",
+    "pack_iov",
     "peek_message_type",
     "read_cmd_submit",
     "read_cmd_unlink",

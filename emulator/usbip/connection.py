@@ -45,7 +45,7 @@ from emulator.usbip.codec import (
     READERS,
     Limits,
     message_name,
-    pack,
+    pack_iov,
     peek_message_type,
 )
 from emulator.usbip.constants import ECONNRESET, ST_OK, USBIP_DIR_IN
@@ -404,6 +404,10 @@ class ServerConnection(_Connection):
 
     def send(self, message: Message) -> bytes:
         """Bytes for `message`; raises a LocalProtocolError (and changes nothing) if it is illegal now."""
+        return b"".join(self.send_iov(message))
+
+    def send_iov(self, message: Message) -> list[bytes]:
+        """Like `send`, as buffers to write in order (`socket.sendmsg`): a transfer buffer is not copied."""
         message_type = type(message)
         if message_type is RetSubmit:
             assert isinstance(message, RetSubmit)
@@ -421,7 +425,7 @@ class ServerConnection(_Connection):
         self._log_sent(message)
         return data
 
-    def _send_op_reply(self, message: OpRepImport | OpRepDevlist) -> bytes:
+    def _send_op_reply(self, message: OpRepImport | OpRepDevlist) -> list[bytes]:
         self._check_can_send(message, (Phase.OP_REPLY,))
         request = self._request
         assert request is not None
@@ -431,7 +435,7 @@ class ServerConnection(_Connection):
                 f"{message_name(type(message))} does not answer "
                 f"{message_name(type(request))}: send {message_name(wanted)}"
             )
-        data = pack(message)
+        data = pack_iov(message)
         if isinstance(message, OpRepImport) and message.status == ST_OK:
             assert message.udev is not None
             self._devid = message.udev.devid
@@ -440,7 +444,7 @@ class ServerConnection(_Connection):
             self._set_phase(Phase.DONE)
         return data
 
-    def _send_ret_submit(self, ret: RetSubmit) -> bytes:
+    def _send_ret_submit(self, ret: RetSubmit) -> list[bytes]:
         self._check_can_send(ret, (Phase.URB,))
         seqnum = ret.seqnum
         urb = self._submits.get(seqnum)
@@ -460,11 +464,11 @@ class ServerConnection(_Connection):
                 seqnum=seqnum,
             )
         _check_ret_against_cmd(ret, urb, None)
-        data = pack(ret)
+        data = pack_iov(ret)
         del self._submits[seqnum]
         return data
 
-    def _send_ret_unlink(self, ret: RetUnlink) -> bytes:
+    def _send_ret_unlink(self, ret: RetUnlink) -> list[bytes]:
         self._check_can_send(ret, (Phase.URB,))
         seqnum = ret.seqnum
         target = self._unlinks.get(seqnum)
@@ -482,7 +486,7 @@ class ServerConnection(_Connection):
                 field="status",
                 seqnum=seqnum,
             )
-        data = pack(ret)
+        data = pack_iov(ret)
         del self._unlinks[seqnum]
         if cancels:
             del self._unlinking[target]
@@ -504,12 +508,16 @@ class ServerConnection(_Connection):
         return RetUnlink(seqnum=unlink_seqnum, status=-ECONNRESET if cancels else 0)
 
     def complete(self, ret: RetSubmit) -> bytes:
+        """`complete_iov`, joined."""
+        return b"".join(self.complete_iov(ret))
+
+    def complete_iov(self, ret: RetSubmit) -> list[bytes]:
         """Finish URB `ret.seqnum` as stub_complete() does: its RET_SUBMIT, or, if the client unlinked it
         meanwhile, the due RET_UNLINK carrying `ret.status` (and no RET_SUBMIT)."""
         unlink_seqnum = self._unlinking.get(ret.seqnum)
         if unlink_seqnum is None:
-            return self.send(ret)
-        return self.send(RetUnlink(seqnum=unlink_seqnum, status=ret.status))
+            return self.send_iov(ret)
+        return self.send_iov(RetUnlink(seqnum=unlink_seqnum, status=ret.status))
 
 
 class ClientConnection(_Connection):
@@ -605,6 +613,10 @@ class ClientConnection(_Connection):
 
     def send(self, message: Message) -> bytes:
         """Bytes for `message`; raises a LocalProtocolError (and changes nothing) if it is illegal now."""
+        return b"".join(self.send_iov(message))
+
+    def send_iov(self, message: Message) -> list[bytes]:
+        """Like `send`, as buffers to write in order (`socket.sendmsg`): a transfer buffer is not copied."""
         message_type = type(message)
         if message_type is CmdSubmit:
             assert isinstance(message, CmdSubmit)
@@ -615,7 +627,7 @@ class ClientConnection(_Connection):
         elif message_type is OpReqImport or message_type is OpReqDevlist:
             assert isinstance(message, OpReqImport | OpReqDevlist)
             self._check_can_send(message, (Phase.OP,))
-            data = pack(message)
+            data = pack_iov(message)
             self._request = message
             self._set_phase(Phase.OP_REPLY)
         elif message_type in (RetSubmit, RetUnlink, OpRepDevlist, OpRepImport):
@@ -625,16 +637,16 @@ class ClientConnection(_Connection):
         self._log_sent(message)
         return data
 
-    def _send_cmd_submit(self, cmd: CmdSubmit) -> bytes:
+    def _send_cmd_submit(self, cmd: CmdSubmit) -> list[bytes]:
         self._check_can_send(cmd, (Phase.URB,))
         seqnum = cmd.seqnum
         self._check_devid(cmd.devid, seqnum, "USBIP_CMD_SUBMIT", None)
         self._check_outstanding(seqnum, "USBIP_CMD_SUBMIT", None)
-        data = pack(cmd)
+        data = pack_iov(cmd)
         self._submits[seqnum] = (cmd.direction, cmd.transfer_buffer_length, cmd.number_of_packets)
         return data
 
-    def _send_cmd_unlink(self, cmd: CmdUnlink) -> bytes:
+    def _send_cmd_unlink(self, cmd: CmdUnlink) -> list[bytes]:
         self._check_can_send(cmd, (Phase.URB,))
         seqnum, target = cmd.seqnum, cmd.unlink_seqnum
         self._check_devid(cmd.devid, seqnum, "USBIP_CMD_UNLINK", None)
@@ -653,7 +665,7 @@ class ClientConnection(_Connection):
                 field="unlink_seqnum",
                 seqnum=seqnum,
             )
-        data = pack(cmd)
+        data = pack_iov(cmd)
         self._unlinks[seqnum] = target
         self._unlinking[target] = seqnum
         return data
