@@ -115,9 +115,11 @@ def test_vm_guest_that_hangs_is_killed_at_the_timeout_with_its_output_so_far():
     from tools.vm import run_in_vm
 
     started = time.monotonic()
-    with pytest.raises(VmTimeout, match=r"did not finish within 25 s and was killed") as info:
-        run_in_vm("echo started; sleep 600", timeout=25)
-    assert time.monotonic() - started < 40
+    with pytest.raises(
+        VmTimeout, match=r"did not finish within 30 s and was killed; the command had been"
+    ) as info:
+        run_in_vm("echo started; sleep 600", timeout=30)
+    assert time.monotonic() - started < 45
     assert info.value.stdout == "started\n"  # it was killed while running the command, not while booting
 
 

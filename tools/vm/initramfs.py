@@ -84,6 +84,7 @@ unset IFS
 mkdir -p "$R$io" || fail "create the share mount point $io"
 mount -t 9p -o @NINEP@ io "$R$io" || fail "mount the share at $io"
 [ -f "$R$io/stage2.sh" ] || fail "no stage2.sh in the share"
+echo "vusb-vm: host root mounted, starting stage 2"
 exec chroot "$R" /bin/sh "$io/stage2.sh"
 """
 

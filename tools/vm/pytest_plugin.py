@@ -14,6 +14,7 @@ default 300 s) so one hung test fails alone instead of taking the whole boot dow
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -91,7 +92,8 @@ class GuestSide:
         self._emit({"start": item.nodeid})
 
         def expired(signum: int, frame: object) -> None:
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            with contextlib.suppress(Exception):  # where every thread was: to the guest's real stderr log
+                faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
             raise _TestTimeout(f"{item.nodeid} exceeded its {limit:g} s timeout in the guest")
 
         previous = signal.signal(signal.SIGALRM, expired)

@@ -42,6 +42,7 @@ ip link set lo up || say "cannot bring up lo"
 echo vusb-vm > /proc/sys/kernel/hostname
 read -r up _ < /proc/uptime
 echo "$up" > "$io/boot-uptime"
+say "running the command (uptime $up s)"
 env -i @ENV@ /bin/sh "$io/command.sh" < /dev/null > "$io/stdout" 2> "$io/stderr"
 rc=$?
 read -r up _ < /proc/uptime
@@ -262,9 +263,14 @@ def _boot(
             if time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
+                boot = _float(share / "boot-uptime")
+                stage = (
+                    f"the command had been running since {boot:.1f} s after boot"
+                    if boot == boot  # not NaN: stage 2 reached the command
+                    else "it had not reached the command yet (still booting)"
+                )
                 raise VmTimeout(
-                    f"the guest did not finish within {timeout:g} s and was killed "
-                    f"(stdout so far: {len(_read(share / 'stdout'))} chars)\n"
+                    f"the guest did not finish within {timeout:g} s and was killed; {stage}\n"
                     f"--- console tail ---\n{_tail(share / 'console.log')}",
                     console_tail=_tail(share / "console.log"),
                     stdout=_read(share / "stdout"),
