@@ -46,6 +46,7 @@ from captures.reader import (
     linktype_name,
     load,
 )
+from emulator.usbip.codec import DEFAULT_LIMITS
 
 USBIP_PORT = 3240
 
@@ -323,6 +324,8 @@ class _Flow:
         self.gap_warned = False
 
 
+_LIMITS = DEFAULT_LIMITS  # the core's caps: usbfs' per-URB budget, USBIP_MAX_ISO_PACKETS
+_MAX_PAYLOAD = _LIMITS.max_transfer_buffer_length + 16 * _LIMITS.max_number_of_packets
 _U32 = 0xFFFFFFFF
 _ETH_IPV4_TCP = struct.Struct(">12xHBxH2xHxB2x4s4sHHIIH")  # Ethernet + 20-byte IPv4 + TCP up to the flags
 _CMD_SUBMIT = struct.Struct(
@@ -765,6 +768,8 @@ class _Pairer:
                     if npk > 0:
                         size += 16 * npk
                     if end - pos < size:
+                        if size - 48 > _MAX_PAYLOAD:
+                            self._implausible(flow, b, pos, number, "CMD_SUBMIT", seqnum, length, npk)
                         break
                     endpoint = (ep & 0x7F) | (0x80 if direction else 0)
                     if ep == 0:
@@ -817,6 +822,8 @@ class _Pairer:
                     if npk > 0:
                         size += 16 * npk
                     if end - pos < size:
+                        if size - 48 > _MAX_PAYLOAD:
+                            self._implausible(flow, b, pos, number, "RET_SUBMIT", seqnum, actual, npk)
                         break
                     if t is None:
                         self.warnings.append(
@@ -978,6 +985,26 @@ class _Pairer:
         t.response_frame = number
         t.response_ts = ts
         t.status = status
+
+    def _implausible(
+        self,
+        flow: _Flow,
+        b: bytes | bytearray,
+        pos: int,
+        number: int,
+        what: str,
+        seqnum: int,
+        length: int,
+        npk: int,
+    ) -> None:
+        raise CaptureError(
+            f"{flow.conn.name}: {what} seqnum {seqnum} at stream offset {self._stream_base + pos} announces "
+            f"{length} bytes and {npk} ISO packets, beyond what USB/IP carries "
+            f"({_LIMITS.max_transfer_buffer_length} bytes, {_LIMITS.max_number_of_packets} packets): "
+            "not a USB/IP stream, or a corrupt one",
+            frame=number,
+            path=self.analysis.source,
+        )
 
     def _garbage(self, flow: _Flow, b: bytes | bytearray, pos: int, number: int) -> None:
         raise CaptureError(

@@ -451,3 +451,14 @@ def test_summary_counts_bytes_errors_and_latency() -> None:
     assert (s["bytes_in"], s["bytes_out"]) == (32 + 512 + 13, 31)
     assert s["latency"]["count"] == 5 and s["latency"]["p50"] == pytest.approx(1e-3, abs=1e-6)
     assert s["scsi"]["by_opcode"] == {"READ_10": 1, "TEST_UNIT_READY": 1}
+
+
+def test_implausible_transfer_length_is_reported_instead_of_buffering_the_rest_of_the_capture() -> None:
+    header = pack(CmdSubmit(seqnum=1, devid=DEVID, direction=1, ep=1, transfer_buffer_length=8))
+    bogus = (
+        header[:4] + header[4:12] + b"\0\0\0\0" + header[16:24] + struct.pack(">i", 0x7FFF0000) + header[28:]
+    )
+    with pytest.raises(
+        CaptureError, match=r"frame 4: .*CMD_SUBMIT seqnum 1 at stream offset 0 announces 2147418112 bytes"
+    ):
+        analyze(_capture([(True, bogus + b"more")]))
