@@ -328,13 +328,9 @@ _LIMITS = DEFAULT_LIMITS  # the core's caps: usbfs' per-URB budget, USBIP_MAX_IS
 _MAX_PAYLOAD = _LIMITS.max_transfer_buffer_length + 16 * _LIMITS.max_number_of_packets
 _U32 = 0xFFFFFFFF
 _ETH_IPV4_TCP = struct.Struct(">12xHBxH2xHxB2x4s4sHHIIH")  # Ethernet + 20-byte IPv4 + TCP up to the flags
-_CMD_SUBMIT = struct.Struct(
-    ">IIIIIiiiI8s"
-)  # from offset 4: seqnum devid direction ep flags len sf npk interval setup
-_RET_SUBMIT = struct.Struct(
-    ">IIIIiiiii"
-)  # from offset 4: seqnum devid direction ep status actual sf npk errors
-_URB_BASIC = struct.Struct(">IIIIi")  # from offset 4: seqnum devid direction ep + first union word
+# A URB header: command seqnum devid direction ep, then the union's words (signed: status/flags, length,
+# start_frame, number_of_packets, interval/error_count) and the 8 setup bytes.
+_URB = struct.Struct(">IIIIIiiiii8s")
 
 
 def _plausible(b: bytes | bytearray, pos: int, end: int) -> bool:
@@ -372,7 +368,9 @@ class _Pairer:
         self.scsi = self.analysis.scsi_commands
         self.warnings = self.analysis.warnings
         self.records = 0
-        self.flows: dict[tuple[bytes, int, bytes, int], _Flow] = {}
+        self.flows: dict[
+            bytes, _Flow
+        ] = {}  # key: source address, destination address, ports (as in IPv4/TCP)
         self.usbmon_bot: dict[tuple[int, int], _BotDevice] = {}
         self.tcp_frames = 0
         self.fragment_warned = False
@@ -581,6 +579,25 @@ class _Pairer:
             if etype == 0x0800 and vihl == 0x45 and proto == 6 and not frag & 0x3FFF:
                 self.tcp_frames += 1
                 ip_end = off + 14 + total if total else end  # 0: a TSO frame captured before segmentation
+                # In-order data on a synchronised flow with nothing buffered: frame straight from the file bytes.
+                flow = self.flows.get(buf[off + 26 : off + 38])  # src, dst, sport, dport: the flow key
+                if (
+                    flow is not None
+                    and seq == flow.next_seq
+                    and flow.synced
+                    and not flow.buf
+                    and not flow.ooo
+                    and not offflags & 0x07  # no FIN, SYN, RST
+                    and ip_end <= end
+                ):
+                    pstart = off + 34 + ((offflags >> 12) * 4)
+                    if ip_end > pstart:
+                        flow.next_seq = (seq + ip_end - pstart) & _U32
+                        pos = self._frame(flow, buf, pstart, ip_end, number, ts)
+                        flow.consumed += pos - pstart
+                        if pos < ip_end:
+                            flow.buf = bytearray(buf[pos:ip_end])
+                    return
                 self._segment(number, ts, buf, end, src, dst, sport, dport, seq, offflags, off + 34, ip_end)
                 return
         parsed = self._parse_ip_tcp(number, linktype, buf, off, end)
@@ -683,8 +700,7 @@ class _Pairer:
                 path=self.analysis.source,
             )
         flags = offflags & 0x3F
-        fkey = (src, sport, dst, dport)
-        flow = self.flows.get(fkey)
+        flow = self.flows.get(bytes(src) + bytes(dst) + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"))
         if flow is None:
             flow = self._new_flow(src, sport, dst, dport)
         if flags & 0x02:  # SYN
@@ -715,12 +731,15 @@ class _Pairer:
     def _new_flow(self, src: bytes, sport: int, dst: bytes, dport: int) -> _Flow:
         to_server = dport in self.ports
         client, server = ((src, sport), (dst, dport)) if to_server else ((dst, dport), (src, sport))
-        reverse = self.flows.get((dst, dport, src, sport))
+        reverse = self.flows.get(
+            bytes(dst) + bytes(src) + dport.to_bytes(2, "big") + sport.to_bytes(2, "big")
+        )
         if reverse is not None:
             conn = reverse.conn
         else:
             conn = _Conn(f"{_addr(client[0])}:{client[1]} -> {_addr(server[0])}:{server[1]}")
-        flow = self.flows[(src, sport, dst, dport)] = _Flow(conn, to_server)
+        key = bytes(src) + bytes(dst) + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+        flow = self.flows[key] = _Flow(conn, to_server)
         self.analysis.protocols.add("usbip")
         return flow
 
@@ -752,16 +771,20 @@ class _Pairer:
         pending = conn.pending
         transactions = self.transactions
         start = pos
+        records = 0
         self._stream_base = flow.consumed - start  # stream offset of b[0], for error messages
         while end - pos >= 8:
-            if b[pos] == 0 and b[pos + 1] == 0 and b[pos + 2] == 0:
-                command = b[pos + 3]
-                if end - pos < 48:
-                    break
+            if end - pos >= 48:
+                # every URB header in one unpack; for an OP message `command` is version << 16 | code
+                command, seqnum, devid, direction, ep, status, length, _w7, npk, _w9, setup = (
+                    _URB.unpack_from(b, pos)
+                )
+            else:
+                command = int.from_bytes(b[pos : pos + 4], "big")
+                if 1 <= command <= 4:
+                    break  # a URB header still arriving
+            if command <= 4:
                 if command == 1:
-                    seqnum, devid, direction, ep, _flags, length, _sf, npk, _interval, setup = (
-                        _CMD_SUBMIT.unpack_from(b, pos + 4)
-                    )
                     size = 48
                     if direction == 0 and length > 0:
                         size += length
@@ -808,9 +831,7 @@ class _Pairer:
                             if dev is not None and dev.current is not None:
                                 _annotate_data(t, dev.current)
                 elif command == 3:
-                    seqnum, _devid, _direction, _ep, status, actual, _sf, npk, _errors = (
-                        _RET_SUBMIT.unpack_from(b, pos + 4)
-                    )
+                    actual = length
                     t = pending.get(seqnum)
                     if t is not None:
                         data_in = t.endpoint & 0x80
@@ -852,7 +873,7 @@ class _Pairer:
                     elif t.bot == "data":
                         _count_data(t, conn.bot.get((t.busnum << 16) | t.devnum))
                 elif command == 2:
-                    seqnum, devid, _direction, _ep, victim = _URB_BASIC.unpack_from(b, pos + 4)
+                    victim = status & 0xFFFFFFFF  # unlink_seqnum shares the first union word
                     size = 48
                     target = pending.get(victim)
                     t = Transaction(
@@ -874,7 +895,6 @@ class _Pairer:
                     conn.pending_unlinks[seqnum] = t
                     transactions.append(t)
                 elif command == 4:
-                    seqnum, _devid, _direction, _ep, status = _URB_BASIC.unpack_from(b, pos + 4)
                     size = 48
                     t = conn.pending_unlinks.pop(seqnum, None)
                     if t is None:
@@ -896,14 +916,15 @@ class _Pairer:
                                 victim_t.response_ts = ts
                 else:
                     self._garbage(flow, b, pos, number)
-            elif b[pos] == 1 and b[pos + 1] == 0x11:
+            elif command >> 16 == 0x0111:
                 size = self._op_message(flow, b, pos, end, number, ts)
                 if size == 0:
                     break
             else:
                 self._garbage(flow, b, pos, number)
             pos += size
-            self.records += 1
+            records += 1
+        self.records += records
         if pos == start and end - pos >= 4 and not _plausible(b, pos, end):
             self._garbage(flow, b, pos, number)
         return pos
