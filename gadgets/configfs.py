@@ -29,6 +29,8 @@ CONFIGFS_ROOT = Path("/sys/kernel/config")
 GADGET_ROOT = CONFIGFS_ROOT / "usb_gadget"
 UDC_CLASS = Path("/sys/class/udc")
 LANG_EN_US = 0x0409
+# What the configfs `max_speed` attribute accepts (drivers/usb/gadget/configfs.c, gadget_dev_desc_max_speed_store).
+MAX_SPEEDS = ("low-speed", "full-speed", "high-speed", "super-speed", "super-speed-plus")
 
 
 class GadgetError(VusbError):
@@ -69,6 +71,9 @@ class GadgetSpec:
     MaxPower: int = 100
     functions: tuple[FunctionSpec, ...] = ()
     os_desc: bool = False
+    # configfs `max_speed` ("full-speed", "high-speed", "super-speed", ...): the UDC links no faster, so a
+    # gadget that mirrors a device can run at that device's speed. None leaves the kernel's default.
+    max_speed: str | None = None
 
 
 def _write(path: Path, value: str | bytes) -> None:
@@ -177,6 +182,10 @@ class Gadget:
             _write(self.path / attr, f"0x{getattr(s, attr):04x}")
         for attr in ("bDeviceClass", "bDeviceSubClass", "bDeviceProtocol", "bMaxPacketSize0"):
             _write(self.path / attr, f"0x{getattr(s, attr):02x}")
+        if s.max_speed is not None:
+            if s.max_speed not in MAX_SPEEDS:
+                raise GadgetError(f"max_speed {s.max_speed!r} is not one of {', '.join(MAX_SPEEDS)}")
+            _write(self.path / "max_speed", s.max_speed)
         strings = self.path / "strings" / f"0x{LANG_EN_US:x}"
         _mkdir(strings)
         _write(strings / "manufacturer", s.manufacturer)
