@@ -406,6 +406,23 @@ def descriptors_blob(layout: FfsLayout, flags: int) -> bytes:
     return bytes(ffs.serialise(blob))
 
 
+def map_setup(layout: FfsLayout, setup: SetupPacket) -> SetupPacket | None:
+    """The request as the device would have received it. f_fs rewrites wIndex before userspace sees it
+    (f_fs.c, ffs_func_setup): for an interface request to our (local) interface number, for an endpoint
+    request to the number of the endpoint file. Map both back to the device's interface number and
+    endpoint address; None when there is no such interface or endpoint."""
+    recipient = setup.recipient
+    if recipient == Recipient.INTERFACE:
+        number = layout.interface_number(setup.index & 0xFF)
+        return None if number is None else replace(setup, index=number)
+    if recipient == Recipient.ENDPOINT:
+        if setup.index == 0:
+            return setup  # ep0 itself (f_fs would not forward it, but a UDC might)
+        ep = layout.endpoint(setup.index)
+        return None if ep is None else replace(setup, index=ep.address)
+    return setup
+
+
 # --- the handler contract -------------------------------------------------------------------------------------
 
 
@@ -676,21 +693,6 @@ class FunctionFs:
                 if host is not None:
                     self.host_interfaces[interface.number] = host
 
-    def map_setup(self, setup: SetupPacket) -> SetupPacket | None:
-        """The request as the device would have received it: f_fs's wIndex (our interface number, or an
-        endpoint file number) back to the device's interface number or endpoint address. None: no such
-        interface or endpoint."""
-        recipient = setup.recipient
-        if recipient == Recipient.INTERFACE:
-            number = self.layout.interface_number(setup.index & 0xFF)
-            return None if number is None else replace(setup, index=number)
-        if recipient == Recipient.ENDPOINT:
-            if setup.index == 0:
-                return setup  # ep0 itself (f_fs would not forward it, but a UDC might)
-            ep = self.layout.endpoint(setup.index)
-            return None if ep is None else replace(setup, index=ep.address)
-        return setup
-
     def _setup(self, request_type: int, request: int, value: int, index: int, length: int) -> None:
         """One SETUP request: never lets an exception out (it would halt ep0 and end the event loop)."""
         try:
@@ -701,7 +703,7 @@ class FunctionFs:
             self._stall_ep0(request_type)
 
     def _answer(self, raw: SetupPacket) -> None:
-        setup = self.map_setup(raw)
+        setup = map_setup(self.layout, raw)
         ep0 = self._function.ep0
         if setup is None:
             log.debug("SETUP %s names no interface/endpoint of ours: STALL", raw)
@@ -1000,6 +1002,7 @@ __all__ = [
     "ffs_rejects",
     "interval_for",
     "interval_us",
+    "map_setup",
     "report_lines",
     "require_functionfs",
     "strings_blob",
