@@ -155,7 +155,7 @@ def usbmon_record(
 
 
 def _ipv4_checksum(header: bytes) -> int:
-    total = sum(struct.unpack(">10H", header))
+    total: int = sum(struct.unpack(">10H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

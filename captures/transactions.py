@@ -380,6 +380,7 @@ class _Pairer:
 
     def run(self, frames: Iterator[RawFrame]) -> Analysis:
         usbmon_pending: dict[tuple[int, int], Transaction] = {}
+        t: Transaction | None
         transactions = self.transactions
         append = transactions.append
         hdr_le = struct.Struct("<QBBBBHBBqiiII8s")
@@ -772,6 +773,7 @@ class _Pairer:
         transactions = self.transactions
         start = pos
         records = 0
+        t: Transaction | None
         self._stream_base = flow.consumed - start  # stream offset of b[0], for error messages
         while end - pos >= 8:
             if end - pos >= 48:
@@ -934,6 +936,7 @@ class _Pairer:
     ) -> int:
         """Handle one OP_* message; return its size, or 0 when it is not complete yet."""
         conn = flow.conn
+        t: Transaction | None
         code, status = struct.unpack_from(">HI", b, pos + 2)
         if conn.phase == "urb":
             raise CaptureError(

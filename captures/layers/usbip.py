@@ -53,8 +53,8 @@ from scapy.packet import Packet, bind_layers
 
 from captures.layers._state import BoundedDict
 from captures.layers.bot_scsi import BOT_CBW, BOT_CSW, cbw_command, dissect_bulk, is_cbw, is_csw
-from captures.layers.usb import USB_CLASSES, USB_Setup, dissect_control_in
-from captures.names import errno_name
+from captures.layers.usb import USB_Setup, dissect_control_in
+from captures.names import USB_CLASSES, errno_name
 from emulator.usbip.constants import (
     OP_COMMON_SIZE,
     OP_REP_DEVLIST,
@@ -465,7 +465,7 @@ class USBIP(Packet):
 
     name = "USBIP"
     match_subclass = True
-    fields_desc: list[Any] = []
+    fields_desc = []  # type: ignore[var-annotated]  # a dispatcher: the subclasses have the fields
 
     @classmethod
     def dispatch_hook(cls, _pkt: bytes | None = None, *args: Any, **kargs: Any) -> type[Packet]:
