@@ -27,7 +27,7 @@ class VusbGroup(click.Group):
         try:
             return super().invoke(ctx)
         except VusbError as exc:
-            err_console.print(f"[bold red]vusb: error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]vusb: error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
             err_console.print("vusb: interrupted")

@@ -61,7 +61,10 @@ _MIB = float(1 << 20)
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # piped or captured: do not fold tables and lines at 80 columns
+        console = Console(highlight=False, width=200)
+    return console
 
 
 def _class_name(code: int) -> str:

@@ -286,6 +286,7 @@ class Urb:
             self._timer = None
         if not self.future.done():
             self.future.set_exception(error)
+            self.future.exception()  # mark it seen: URBs of an abandoned pipeline may never be awaited
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "unlinking" if self.unlink_seqnum else "pending"
