@@ -61,12 +61,33 @@ def _register_commands() -> None:
 
     register_host_commands(cli)  # list, info, disk dump|write, demo
 
+    from gadgets.cli import emulate_command
+
+    cli.add_command(emulate_command)
+
 
 _register_commands()
 
 
-def main() -> None:
-    cli(prog_name="vusb")
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click usage mistakes also become one line (`vusb: error: ...`), exit status 2."""
+    try:
+        code = cli.main(args=argv, prog_name="vusb", standalone_mode=False)
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        err_console.print(
+            f"[bold red]vusb: error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True
+        )
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        err_console.print(
+            f"[bold red]vusb: error:[/] {exc.format_message()}", highlight=False, soft_wrap=True
+        )
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        err_console.print("vusb: interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
