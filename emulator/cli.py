@@ -53,6 +53,10 @@ def _register_commands() -> None:
 
     cli.add_command(serve_command)
 
+    from emulator.cli_bench import bench_command
+
+    cli.add_command(bench_command)
+
     from captures.cli import dissect_command
 
     cli.add_command(dissect_command)
