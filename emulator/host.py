@@ -9,8 +9,9 @@ Shape of the hot path (performance matters, a disk image moves through here):
 
 * one `asyncio.Protocol` per connection; `data_received` feeds the core and dispatches each RET by seqnum
   to its `Urb`'s future — no reader task, no per-message wake-up of anything but the waiting caller;
-* one `transport.write` per message (the codec joins header and payload), TCP_NODELAY, large socket
-  buffers;
+* the codec joins each message's header and payload, and every message submitted in one turn of the
+  event loop leaves in a single `transport.write` (a command's CBW + data + CSW URBs: one system call);
+  TCP_NODELAY, large socket buffers;
 * `submit()` returns an `Urb` at once, so callers pipeline as many URBs as they like; its timeout is armed
   at submission, as libusb arms a transfer's, and an expired URB is unlinked (CMD_UNLINK) — the caller then
   sees the server's verdict: RET_UNLINK (cancelled: `TransferTimeout`) or the racing RET_SUBMIT (completed
@@ -249,7 +250,7 @@ class Urb:
     Its timeout runs from submission; when it expires the URB is unlinked and `timed_out` is set.
     """
 
-    __slots__ = ("_timer", "endpoint", "future", "iso_lengths", "length", "seqnum", "timed_out",
+    __slots__ = ("deadline", "endpoint", "future", "iso_lengths", "length", "seqnum", "timed_out",
                  "unlink_seqnum")
 
     def __init__(self, seqnum: int, endpoint: int, length: int, future: asyncio.Future[UrbResult],
@@ -261,7 +262,7 @@ class Urb:
         self.iso_lengths = iso_lengths
         self.unlink_seqnum: int | None = None
         self.timed_out = False
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # loop time when it is unlinked for taking too long
 
     @property
     def is_in(self) -> bool:
@@ -274,16 +275,10 @@ class Urb:
         return self.future.__await__()
 
     def _finish(self, result: UrbResult) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if not self.future.done():
             self.future.set_result(result)
 
     def _fail(self, error: BaseException) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if not self.future.done():
             self.future.set_exception(error)
             self.future.exception()  # mark it seen: URBs of an abandoned pipeline may never be awaited
@@ -310,7 +305,10 @@ class _Link(asyncio.Protocol):
         self.closing = False
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self.closed = self._loop.create_future()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -382,15 +380,30 @@ class _Link(asyncio.Protocol):
             self.on_lost(error)
 
     def send(self, message: Any) -> None:
-        """Encode `message` with the core and write it in one piece."""
+        """Encode `message` with the core (header and payload in one piece) and queue it. Everything sent
+        during one turn of the event loop goes out in one write: the CBW, data and CSW URBs of a command
+        cost one system call, not three (on loopback each send also runs the receiver's TCP path)."""
         if self.lost is not None:
             raise self.lost
+        self._out.append(self.conn.send(message))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what `send` queued, now."""
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
         transport = self.transport
-        assert transport is not None
-        transport.write(self.conn.send(message))
+        if transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""
+        self.flush()
         while self._paused and self.lost is None:
             loop = asyncio.get_running_loop()
             if self._drained is None or self._drained.done():
@@ -407,6 +420,7 @@ class _Link(asyncio.Protocol):
 
     async def close(self, timeout: float = 2.0) -> None:
         self.closing = True
+        self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         try:
@@ -519,6 +533,8 @@ class RemoteDevice:
         self.configuration_value: int | None = None
         self.alternate_settings: dict[int, int] = {}
         self._langids: tuple[int, ...] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_when = 0.0
         self._strings: dict[tuple[int, int], str] = {}
         link.on_event = self._on_event
         link.on_lost = self._on_lost
@@ -576,6 +592,9 @@ class RemoteDevice:
         return tuple(out)
 
     def _on_lost(self, error: HostError) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         urbs = list(self._urbs.values())
         self._urbs.clear()
         self._unlinks.clear()
@@ -648,16 +667,34 @@ class RemoteDevice:
         link.send(cmd)  # a LocalProtocolError here leaves nothing registered
         self._urbs[seqnum] = urb
         if timeout is not None:
-            urb._timer = self._loop.call_later(timeout, self._expire, urb)
+            urb.deadline = deadline = self._loop.time() + timeout
+            if self._watchdog is None or deadline < self._watchdog_when:
+                self._arm(deadline)
         return urb
 
-    def _expire(self, urb: Urb) -> None:
-        urb._timer = None
-        if urb.done() or self._urbs.get(urb.seqnum) is not urb:
-            return
-        urb.timed_out = True
-        log.debug("%s: URB %d on %#04x timed out, unlinking", self.busid, urb.seqnum, urb.endpoint)
-        self._send_unlink(urb)
+    # One timer for all URBs rather than one each: deadlines mostly grow, so a submit rarely re-arms it.
+    def _arm(self, when: float) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = self._loop.call_at(when, self._check_deadlines)
+        self._watchdog_when = when
+
+    def _check_deadlines(self) -> None:
+        self._watchdog = None
+        now = self._loop.time()
+        following = None
+        for urb in list(self._urbs.values()):
+            deadline = urb.deadline
+            if deadline is None or urb.unlink_seqnum is not None:
+                continue
+            if deadline <= now:
+                urb.timed_out = True
+                log.debug("%s: URB %d on %#04x timed out, unlinking", self.busid, urb.seqnum, urb.endpoint)
+                self._send_unlink(urb)
+            elif following is None or deadline < following:
+                following = deadline
+        if following is not None:
+            self._arm(following)
 
     def _send_unlink(self, urb: Urb) -> None:
         if urb.unlink_seqnum is not None or self._link.lost is not None:
@@ -684,22 +721,35 @@ class RemoteDevice:
 
     async def wait(self, urb: Urb) -> UrbResult:
         """The result of `urb`. If the waiting task is cancelled, the URB is unlinked in the background."""
+        future = urb.future
+        if future.done():
+            return future.result()
+        link = self._link
+        if link._out:  # someone waits now: send what is queued without waiting for the loop's next turn
+            link.flush()
         try:
-            return await asyncio.shield(urb.future)
+            return await future
         except asyncio.CancelledError:
-            if not urb.done():
-                with contextlib.suppress(HostError):
-                    self._send_unlink(urb)
+            self.cancel(urb)
             raise
+
+    def cancel(self, urb: Urb) -> None:
+        """Unlink `urb` without waiting (its future is not resolved any more if it was cancelled)."""
+        if self._urbs.get(urb.seqnum) is urb:
+            with contextlib.suppress(HostError):
+                self._send_unlink(urb)
 
     async def drain(self) -> None:
         """Wait until the socket takes more data (call between large OUT submissions)."""
         await self._link.drain()
 
-    def check(self, urb: Urb, result: UrbResult, what: str = "") -> UrbResult:
-        """Raise the matching `TransferError` for a failed `result`, else return it."""
+    def check(self, urb: Urb, result: UrbResult, what: str | SetupPacket = "") -> UrbResult:
+        """Raise the matching `TransferError` for a failed `result`, else return it. `what` names the
+        transfer in the message (a SETUP packet is named only if needed: formatting it is not free)."""
         if result.status == 0 and not result.unlinked:
             return result
+        if isinstance(what, SetupPacket):
+            what = f"control request {what}"
         label = what or f"transfer on endpoint {urb.endpoint:#04x}"
         if result.unlinked and urb.timed_out:
             raise TransferTimeout(f"{label} timed out (URB {urb.seqnum} unlinked)", status=-ETIMEDOUT,
@@ -712,9 +762,8 @@ class RemoteDevice:
                   actual_length=result.actual_length, data=result.data)
 
     async def _run(self, endpoint: int, data_or_length: bytes | bytearray | memoryview | int,
-                   timeout: float | None, what: str, setup: SetupPacket | None = None,
-                   transfer_flags: int = 0) -> UrbResult:
-        urb = self.submit(endpoint, data_or_length, setup=setup, timeout=timeout, transfer_flags=transfer_flags)
+                   timeout: float | None, what: str | SetupPacket, setup: SetupPacket | None = None) -> UrbResult:
+        urb = self.submit(endpoint, data_or_length, setup=setup, timeout=timeout)
         if not isinstance(data_or_length, int) and len(data_or_length) > _WRITE_HIGH_WATER:
             await self.drain()
         return self.check(urb, await self.wait(urb), what)
@@ -740,15 +789,20 @@ class RemoteDevice:
             setup = SetupPacket(request_type, request, value, index, length)
         except UsbError as exc:
             raise UnsupportedTransfer(f"bad control request: {exc}") from None
-        result = await self._run(0x80 if is_in else 0x00, data_or_length, timeout, f"control request {setup}",
-                                 setup=setup)
+        result = await self._run(0x80 if is_in else 0x00, data_or_length, timeout, setup, setup=setup)
         return result.data if is_in else result.actual_length
 
-    async def request(self, setup: SetupPacket, data: bytes = b"",
+    async def request(self, setup: SetupPacket, data: bytes | bytearray | memoryview = b"",
                       timeout: float | None = DEFAULT_TIMEOUT) -> bytes | int:
-        """Run a prepared SETUP packet (e.g. from `emulator.usb.setup`'s builders)."""
-        return await self.control_transfer(setup.request_type, setup.request, setup.value, setup.index,
-                                           setup.length if setup.is_in else data, timeout)
+        """Run a prepared SETUP packet (e.g. from `emulator.usb.setup`'s builders): IN returns the data
+        (wLength is the buffer), OUT sends `data`, which must be wLength bytes."""
+        if setup.request_type & 0x80:
+            result = await self._run(0x80, setup.length, timeout, setup, setup=setup)
+            return result.data
+        if len(data) != setup.length:
+            raise UnsupportedTransfer(f"{setup} announces wLength {setup.length} but {len(data)} bytes were given")
+        result = await self._run(0x00, data, timeout, setup, setup=setup)
+        return result.actual_length
 
     def _check_type(self, endpoint: int, wanted: TransferType, direction_in: bool) -> None:
         if bool(endpoint & 0x80) != direction_in:

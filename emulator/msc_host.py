@@ -89,6 +89,7 @@ COMMAND_TIMEOUT: Final = 30.0
 """Seconds a SCSI command may take: the sd driver's default (SD_TIMEOUT, 30 s)."""
 DEFAULT_MAX_TRANSFER: Final = 64 * 1024
 """Bytes per READ/WRITE command (64 KiB, what many USB disks advertise in their Block Limits VPD)."""
+_DRAIN_ABOVE = 256 * 1024  # data-out this large waits for the socket before the status phase
 
 SENSE_KEYS: Final = {
     0x0: "NO SENSE", 0x1: "RECOVERED ERROR", 0x2: "NOT READY", 0x3: "MEDIUM ERROR", 0x4: "HARDWARE ERROR",
@@ -305,6 +306,8 @@ class MassStorage:
         self.capacity: Capacity | None = None
         self._tag = 0
         self._lock = asyncio.Lock()
+        self._command_urbs: list[Urb] = []  # the URBs of the command in progress
+        self._needs_recovery = False  # a command was abandoned half-way (its task cancelled)
 
     # -- setting up --------------------------------------------------------------------------------------------
 
@@ -431,6 +434,25 @@ class MassStorage:
 
     async def _transport(self, cdb: bytes, data_in: int, data_out: bytes | memoryview, lun: int,
                          timeout: float) -> CommandResult:
+        if self._needs_recovery:  # the last command stopped half-way: bring BOT back in step first
+            self._needs_recovery = False
+            await self.reset_recovery()
+        self._command_urbs = []
+        try:
+            return await self._transport_once(cdb, data_in, data_out, lun, timeout)
+        except asyncio.CancelledError:
+            for urb in self._command_urbs:
+                self.device.cancel(urb)
+            self._needs_recovery = True
+            raise
+
+    def _submit(self, endpoint: int, data_or_length: bytes | memoryview | int, timeout: float) -> Urb:
+        urb = self.device.submit(endpoint, data_or_length, timeout=timeout)
+        self._command_urbs.append(urb)
+        return urb
+
+    async def _transport_once(self, cdb: bytes, data_in: int, data_out: bytes | memoryview, lun: int,
+                              timeout: float) -> CommandResult:
         device = self.device
         ep_in, ep_out = self.ep_in, self.ep_out
         tag = self._next_tag()
@@ -438,12 +460,13 @@ class MassStorage:
         flags = US_BULK_FLAG_IN if data_in else 0
         cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, flags, lun, len(cdb), cdb)
         quantum = self.max_packet_in
-        cbw_urb = device.submit(ep_out, cbw, timeout=timeout)
+        cbw_urb = self._submit(ep_out, cbw, timeout)
         data_urbs: list[Urb] = []
         csw_urb: Urb | None = None
         if self.pipeline:
             data_urbs = self._submit_data(data_in, data_out, quantum, timeout)
-            csw_urb = device.submit(ep_in, US_BULK_CS_WRAP_LEN, timeout=timeout)
+            csw_urb = self._submit(ep_in, US_BULK_CS_WRAP_LEN, timeout)
+        if len(data_out) >= _DRAIN_ABOVE:
             await device.drain()
         pending = [cbw_urb, *data_urbs, *([csw_urb] if csw_urb else [])]
 
@@ -455,6 +478,8 @@ class MassStorage:
         if not self.pipeline:
             data_urbs = self._submit_data(data_in, data_out, quantum, timeout)
             pending = data_urbs
+            if len(data_out) >= _DRAIN_ABOVE:
+                await device.drain()
 
         # Data transport (§5.3.2, §6.7): collect in order; stop at the first short or stalled transfer.
         chunks: list[bytes] = []
@@ -515,16 +540,15 @@ class MassStorage:
 
     def _submit_data(self, data_in: int, data_out: bytes | memoryview, quantum: int,
                      timeout: float) -> list[Urb]:
-        device = self.device
         urbs = []
         if data_in:
             for size in _split(data_in, self.urbs_per_command, quantum):
-                urbs.append(device.submit(self.ep_in, size, timeout=timeout))
+                urbs.append(self._submit(self.ep_in, size, timeout))
         elif data_out:
             view = memoryview(data_out)
             position = 0
             for size in _split(len(view), self.urbs_per_command, quantum):
-                urbs.append(device.submit(self.ep_out, view[position:position + size], timeout=timeout))
+                urbs.append(self._submit(self.ep_out, view[position:position + size], timeout))
                 position += size
         return urbs
 
@@ -533,7 +557,7 @@ class MassStorage:
         cleared = zlp = False
         while True:
             if urb is None:
-                urb = device.submit(self.ep_in, US_BULK_CS_WRAP_LEN, timeout=timeout)
+                urb = self._submit(self.ep_in, US_BULK_CS_WRAP_LEN, timeout)
             result: UrbResult = await device.wait(urb)
             urb = None
             if result.unlinked:
