@@ -17,6 +17,7 @@ from emulator.devices.hid import Keyboard, Mouse, hid_keyboard_device, hid_mouse
 from emulator.host import (
     DeviceGone,
     HostConnectError,
+    HostError,
     ImportRefused,
     StallError,
     TransferTimeout,
@@ -26,7 +27,14 @@ from emulator.host import (
 )
 from emulator.server import UsbipServer, make_exports
 from emulator.usb.descriptors import DeviceDescriptor
-from emulator.usb.setup import DescriptorType, SetupPacket, get_descriptor
+from emulator.usb.setup import (
+    DescriptorType,
+    FeatureSelector,
+    Recipient,
+    SetupPacket,
+    get_descriptor,
+    set_feature,
+)
 from emulator.usbip import (
     NEED_DATA,
     CmdSubmit,
@@ -356,5 +364,39 @@ def test_server_that_ignores_unlink_is_declared_dead(monkeypatch: pytest.MonkeyP
             assert time.monotonic() - start < 2
             assert device.closed
             await device.close()
+
+    run(main())
+
+
+def test_halted_endpoint_stalls_until_clear_halt() -> None:
+    async def main() -> None:
+        keyboard = Keyboard()
+        async with keyboard_server(keyboard) as server, \
+                await import_device("127.0.0.1", "1-1", server.port) as device:
+            await device.set_configuration(1)
+            await device.request(set_feature(FeatureSelector.ENDPOINT_HALT, Recipient.ENDPOINT, 0x81))
+            keyboard.type_text("c")
+            with pytest.raises(StallError, match="interrupt IN 0x81 failed: stall"):
+                await device.interrupt_in(0x81, 8)
+            await device.clear_halt(0x81)
+            assert await device.interrupt_in(0x81, 8) == Keyboard.report([0x06])
+
+    run(main())
+
+
+def test_set_interface_and_port_reset_change_the_device_state() -> None:
+    async def main() -> None:
+        async with keyboard_server() as server, await import_device("127.0.0.1", "1-1", server.port) as device:
+            assert await device.get_configuration() == 0  # the import leaves it unconfigured
+            await device.set_configuration(1)
+            assert await device.get_configuration() == 1
+            await device.set_interface(0, 0)
+            assert device.alternate_settings == {0: 0}
+            with pytest.raises(StallError):
+                await device.set_interface(0, 1)  # the keyboard has no alternate setting 1
+            with pytest.raises(HostError, match="no configuration 7"):
+                await device.set_configuration(7)
+            await device.reset()  # SET_FEATURE(PORT_RESET), which the stub turns into usb_reset_device()
+            assert await device.get_configuration() == 0
 
     run(main())
