@@ -67,11 +67,18 @@ def _console() -> Console:
     return console
 
 
+_CLASS_NAMES = {ClassCode.PER_INTERFACE: "(per interface)", ClassCode.COMM: "CDC Communications",
+                ClassCode.HID: "HID", ClassCode.CDC_DATA: "CDC Data", ClassCode.CSCID: "Smart Card",
+                ClassCode.MISC: "Miscellaneous", ClassCode.APP_SPEC: "Application Specific",
+                ClassCode.VENDOR_SPEC: "Vendor Specific", ClassCode.USB_TYPE_C_BRIDGE: "USB Type-C Bridge"}
+
+
 def _class_name(code: int) -> str:
     try:
-        return ClassCode(code).name.replace("_", " ").title()
+        klass = ClassCode(code)
     except ValueError:
         return f"class {code:#04x}"
+    return _CLASS_NAMES.get(klass) or klass.name.replace("_", " ").title()
 
 
 def _speed_name(speed: int) -> str:

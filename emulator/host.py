@@ -133,7 +133,7 @@ _STATUS_TEXT: Final = {
     -ETIMEDOUT: "timed out",
 }
 
-_OP_STATUS_TEXT: Final = {
+_OP_STATUS_TEXT: Final[dict[int, str]] = {
     ST_NA: "the device is not available (ST_NA)",
     ST_DEV_BUSY: "the device is busy: another client has imported it (ST_DEV_BUSY)",
     ST_DEV_ERR: "the device is in an error state (ST_DEV_ERR)",
@@ -361,7 +361,9 @@ class _Link(asyncio.Protocol):
             try:
                 event = conn.next_event()
             except ProtocolError as exc:
-                self.abort(DeviceGone(f"{self.peer} broke the USB/IP protocol: {exc}"))
+                error = DeviceGone(f"{self.peer} broke the USB/IP protocol: {exc}")
+                error.__cause__ = exc
+                self.abort(error)
                 return
             if event is NEED_DATA:
                 return

@@ -45,7 +45,7 @@ def test_info_prints_the_descriptor_tree_read_from_the_device() -> None:
         result = invoke("info", "-r", "127.0.0.1", "-p", str(running.port), "-b", "1-1")
     assert result.exit_code == 0, result.output
     for expected in ("1209:0001", "vusb keyboard", "DeviceDescriptor", "ConfigurationDescriptor",
-                     "interface 0 alt 0: Hid", "HidDescriptor", "endpoint 0x81 interrupt IN", "vusb-kbd-0001"):
+                     "interface 0 alt 0: HID", "HidDescriptor", "endpoint 0x81 interrupt IN", "vusb-kbd-0001"):
         assert expected in result.output, expected
 
 
