@@ -107,6 +107,7 @@ ETIMEDOUT: Final = 110
 """Linux's ETIMEDOUT, what usb_start_wait_urb() reports for a URB killed by its timeout."""
 
 _SOCKET_BUFFER = 4 << 20
+_READ_BUFFER = 1 << 20
 _WRITE_HIGH_WATER = 1 << 20
 
 # USB 2.0 §11.24.2: SET_FEATURE(PORT_RESET) to a hub port (bmRequestType USB_RT_PORT = class | other).
@@ -291,9 +292,10 @@ class Urb:
 # -- the connection edge -----------------------------------------------------------------------------------
 
 
-class _Link(asyncio.Protocol):
+class _Link(asyncio.BufferedProtocol):
     """The socket edge of one connection: bytes into the core, events out to `on_event`, the end of the
-    connection to `on_lost` (exactly once)."""
+    connection to `on_lost` (exactly once). The kernel reads straight into one preallocated buffer
+    (`BufferedProtocol`), so no bytes object is allocated per read."""
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
@@ -308,6 +310,7 @@ class _Link(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._receive = memoryview(bytearray(_READ_BUFFER))
         self.closed = self._loop.create_future()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
@@ -323,8 +326,11 @@ class _Link(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receive
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.receive_data(self._receive[:nbytes])
         self._pump()
 
     def eof_received(self) -> bool:
