@@ -30,6 +30,7 @@ import contextlib
 import logging
 import socket
 import struct
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -393,7 +394,7 @@ class _Link(asyncio.BufferedProtocol):
         cost one system call, not three (on loopback each send also runs the receiver's TCP path)."""
         if self.lost is not None:
             raise self.lost
-        self._out.append(self.conn.send(message))
+        self._out.extend(self.conn.send_iov(message))  # header and payload as they are: joined once, below
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -630,16 +631,25 @@ class RemoteDevice:
         if endpoint & 0x70:
             raise UnsupportedTransfer(f"endpoint address {endpoint:#04x} has reserved bits set")
         direction = USBIP_DIR_IN if endpoint & 0x80 else USBIP_DIR_OUT
+        payload: bytes | memoryview = b""
         if isinstance(data_or_length, int):
             if direction == USBIP_DIR_OUT and data_or_length:
                 raise UnsupportedTransfer(f"OUT endpoint {endpoint:#04x} takes data, not a length")
             if data_or_length < 0:
                 raise UnsupportedTransfer(f"transfer length {data_or_length} is negative")
-            length, payload = data_or_length, b""
+            length = data_or_length
         else:
             if direction == USBIP_DIR_IN:
                 raise UnsupportedTransfer(f"IN endpoint {endpoint:#04x} takes a length, not data")
-            payload = bytes(data_or_length) if not isinstance(data_or_length, bytes) else data_or_length
+            # Immutable buffers are sent as they are; a mutable one is copied now, as the caller may reuse
+            # it before the bytes leave (at the end of this turn of the loop).
+            if isinstance(data_or_length, bytes):
+                payload = data_or_length
+            elif isinstance(data_or_length, memoryview) and data_or_length.readonly \
+                    and data_or_length.c_contiguous:
+                payload = data_or_length.cast("B") if data_or_length.format != "B" else data_or_length
+            else:
+                payload = bytes(data_or_length)
             length = len(payload)
         if number == 0:
             if setup is None:
@@ -669,7 +679,8 @@ class RemoteDevice:
         cmd = CmdSubmit(seqnum=seqnum, devid=self.devid, direction=direction, ep=number,
                         transfer_flags=transfer_flags, transfer_buffer_length=length,
                         number_of_packets=len(isos), interval=interval, setup=setup_bytes,
-                        transfer_buffer=payload, iso_packet_descriptors=isos)
+                        # the codec only needs len() and the buffer protocol of an OUT payload
+                        transfer_buffer=typing.cast(bytes, payload), iso_packet_descriptors=isos)
         future: asyncio.Future[UrbResult] = self._loop.create_future()
         urb = Urb(seqnum, endpoint, length, future, lengths)
         link.send(cmd)  # a LocalProtocolError here leaves nothing registered
