@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from emulator import cli_host
 from emulator.cli import cli
+from emulator.cli_host import build_demo_image
 from emulator.devices.hid import hid_keyboard_device
 from emulator.devices.mass_storage import mass_storage_device
 from emulator.devices.storage import create_sparse_image
@@ -132,3 +135,32 @@ def test_demo_round_trips_an_image_and_exits_0() -> None:
     assert "OK: the image read back is identical" in result.output
     assert "INQUIRY:" in result.output and "capacity:" in result.output and "MiB/s" in result.output
     assert time.monotonic() - start < 20
+
+
+def test_demo_image_is_a_fat_file_system_when_mtools_are_installed(tmp_path: Path) -> None:
+    if not (shutil.which("mkfs.vfat") and shutil.which("mcopy")):
+        pytest.skip("dosfstools/mtools not installed")
+    image, how = build_demo_image(tmp_path, 4 * MIB)
+    assert how.startswith("a FAT file system")
+    boot = image.read_bytes()[:512]
+    assert boot[510:512] == b"\x55\xaa" and b"VUSBDEMO" in boot
+
+
+def test_demo_image_falls_back_to_a_generated_one_without_mtools(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_host.shutil, "which", lambda name: None)
+    image, how = build_demo_image(tmp_path, 2 * MIB)
+    assert "not installed" in how and "generated image" in how
+    assert image.stat().st_size == 2 * MIB and image.read_bytes().startswith(b"VUSB DEMO IMAGE")
+
+
+def test_demo_exits_1_when_the_image_read_back_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_read_to = cli_host.read_to
+
+    async def corrupting_read_to(*args, **kwargs):  # type: ignore[no-untyped-def]
+        _, seconds = await real_read_to(*args, **kwargs)
+        return "0" * 64, seconds
+
+    monkeypatch.setattr(cli_host, "read_to", corrupting_read_to)
+    result = invoke("demo", "--size", "2")
+    assert result.exit_code == 1 and "sha256 mismatch" in result.output
