@@ -426,7 +426,8 @@ def build_demo_image(directory: Path, size: int) -> tuple[Path, str]:
         files = directory / "files"
         files.mkdir()
         (files / "README.TXT").write_text("This FAT image travelled over USB/IP through vusb's userspace host.\n")
-        (files / "RANDOM.BIN").write_bytes(os.urandom(4 << 20))
+        payload = min(4 << 20, size // 4)  # room to spare for the FAT and directory
+        (files / "RANDOM.BIN").write_bytes(os.urandom(payload))
         try:
             subprocess.run([mkfs, "-C", "-n", "VUSBDEMO", str(image), str(size // 1024)], check=True,
                            capture_output=True, timeout=30)
@@ -438,7 +439,8 @@ def build_demo_image(directory: Path, size: int) -> tuple[Path, str]:
                 else str(exc)
             note = f"mkfs.vfat/mcopy failed ({detail}); "
         else:
-            return image, f"a FAT file system made with {Path(mkfs).name} + mcopy (README.TXT, RANDOM.BIN 4 MiB)"
+            return image, (f"a FAT file system made with {Path(mkfs).name} + mcopy (README.TXT, RANDOM.BIN "
+                           f"{payload / _MIB:g} MiB)")
     else:
         note = "mkfs.vfat/mcopy not installed; "
     # A generated image: a recognisable header, then pseudo-random blocks (nothing compresses it away).
