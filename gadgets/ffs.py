@@ -39,6 +39,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -851,6 +852,10 @@ class FunctionFsGadget:
         self.gadget = Gadget(spec)
         self.ffs: FunctionFs | None = None
         self._thread: threading.Thread | None = None
+        # Set by the loop thread as it ends. Waiting on it, not on Thread.join: in Python 3.11 a Ctrl-C that
+        # interrupts join() releases the running thread's state lock and marks it stopped (the bpo-45274
+        # fix), after which join() returns at once while the loop still uses the AIO contexts.
+        self._done = threading.Event()
         self._error: BaseException | None = None
         self._ffs_options = dict(ffs_options or {})
         self._lock_fd: int | None = None
@@ -900,41 +905,49 @@ class FunctionFsGadget:
         except BaseException as exc:  # surfaced by wait()/close() on the owner's thread
             log.exception("FunctionFS event loop of %s failed", self.spec.name)
             self._error = exc
+        finally:
+            self._done.set()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and not self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the event loop ends (True) or `timeout` passes (False); re-raise the loop's error."""
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._done.wait(timeout)
         if self._error is not None:
             error, self._error = self._error, None
             raise FunctionFsError(f"the FunctionFS event loop stopped: {error}") from error
         return not self.running
 
     def close(self) -> None:
-        """Unbind, stop the loop, close the files, remove the gadget; safe to call twice."""
+        """Unbind, stop the loop, close the files, remove the gadget; safe to call twice. Without the
+        gadget's lock nothing here is ours to touch (another process may be serving that gadget)."""
+        if self._lock_fd is None:
+            return
         with contextlib.suppress(GadgetError):
             self.gadget.unbind()
         if self.ffs is not None:
             self.ffs.stop()
         if self._thread is not None:
-            self._thread.join(10)
-            if self._thread.is_alive():
-                log.error("the FunctionFS event loop of %s did not stop within 10 s", self.spec.name)
+            deadline = time.monotonic() + 30
+            while not self._done.wait(0.5) and time.monotonic() < deadline:
+                pass
+            if not self._done.is_set():
+                # Closing the AIO contexts under a running loop would crash the process; leave them.
+                log.error("the FunctionFS event loop of %s did not stop within 30 s; leaving its files open",
+                          self.spec.name)
+                self.ffs = None
             self._thread = None
         if self.ffs is not None:
             self.ffs.close()
             self.ffs = None
         try:
-            if self._lock_fd is not None:
-                self.gadget.remove()
+            self.gadget.remove()
         finally:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 _SPEED_NAMES = {"full-speed": Speed.FULL, "high-speed": Speed.HIGH, "super-speed": Speed.SUPER,
