@@ -461,13 +461,16 @@ async def _operation(link: _Link, request: OpReqDevlist | OpReqImport, timeout: 
         if not reply.done():
             reply.set_result(event)
 
+    what = "OP_REQ_DEVLIST" if isinstance(request, OpReqDevlist) else "OP_REQ_IMPORT"
+
     def on_lost(error: HostError) -> None:
         if not reply.done():
-            reply.set_exception(error)
+            failure = DeviceGone(f"no answer to {what}: {error}")
+            failure.__cause__ = error.__cause__
+            reply.set_exception(failure)
 
     link.on_event, link.on_lost = on_event, on_lost
     link.send(request)
-    what = "OP_REQ_DEVLIST" if isinstance(request, OpReqDevlist) else "OP_REQ_IMPORT"
     try:
         return await asyncio.wait_for(asyncio.shield(reply), timeout)
     except TimeoutError:

@@ -41,6 +41,7 @@ from emulator.usbip import (
     ConnectionClosed,
     OpRepImport,
     OpReqImport,
+    ProtocolError,
     RetSubmit,
     ServerConnection,
 )
@@ -398,5 +399,37 @@ def test_set_interface_and_port_reset_change_the_device_state() -> None:
                 await device.set_configuration(7)
             await device.reset()  # SET_FEATURE(PORT_RESET), which the stub turns into usb_reset_device()
             assert await device.get_configuration() == 0
+
+    run(main())
+
+
+def test_server_hanging_up_before_answering_is_reported_as_no_answer() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(8)
+        writer.close()
+
+    async def main() -> None:
+        server, port = await fake_server(hang_up)
+        async with server:
+            with pytest.raises(DeviceGone, match="no answer to OP_REQ_DEVLIST"):
+                await list_devices("127.0.0.1", port)
+            with pytest.raises(DeviceGone, match="no answer to OP_REQ_IMPORT"):
+                await import_device("127.0.0.1", "1-1", port)
+
+    run(main())
+
+
+def test_a_peer_that_is_not_a_usbip_server_is_a_protocol_error() -> None:
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(8)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        server, port = await fake_server(http)
+        async with server:
+            with pytest.raises(DeviceGone, match="broke the USB/IP protocol") as info:
+                await list_devices("127.0.0.1", port, timeout=3)
+            assert isinstance(info.value.__cause__, ProtocolError)
 
     run(main())
