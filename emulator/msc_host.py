@@ -773,11 +773,11 @@ class BlockDevice(io.RawIOBase):
         return True
 
     def tell(self) -> int:
-        self._checkClosed()  # type: ignore[attr-defined]
+        self._checkClosed()
         return self._position
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._checkClosed()  # type: ignore[attr-defined]
+        self._checkClosed()
         if whence == os.SEEK_SET:
             position = offset
         elif whence == os.SEEK_CUR:
@@ -792,7 +792,7 @@ class BlockDevice(io.RawIOBase):
         return position
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        self._checkClosed()  # type: ignore[attr-defined]
+        self._checkClosed()
         view = memoryview(buffer).cast("B")
         n = min(len(view), self.size - self._position)
         if n <= 0:
@@ -813,7 +813,7 @@ class BlockDevice(io.RawIOBase):
         return bytes(buffer[:got])
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        self._checkClosed()  # type: ignore[attr-defined]
+        self._checkClosed()
         view = memoryview(data).cast("B")
         if not view:
             return 0
