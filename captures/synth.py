@@ -4,7 +4,7 @@ For tests, which need captures whose every byte is known (and odd ones: messages
 segment, big-endian files), and for benchmarks, which need 100k records in well under a second. USB/IP messages
 come from the core codec (`emulator.usbip.pack`), so a synthetic USB/IP stream is byte for byte what vusb's
 server and client send; around them, minimal but valid Ethernet/IPv4/TCP headers (IPv4 header checksum set, TCP
-checksum left 0, which tshark does not verify by default). usbmon records follow `struct usbmon_packet` of
+checksum left 0, which tshark does not verify by default) from `captures.wire`, which `captures.record` shares. usbmon records follow `struct usbmon_packet` of
 Documentation/usb/usbmon.rst.
 """
 
@@ -15,6 +15,7 @@ import itertools
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 
+from captures import wire
 from captures.reader import LINKTYPE_ETHERNET, LINKTYPE_USB_LINUX, LINKTYPE_USB_LINUX_MMAPPED
 from emulator.usbip import CmdSubmit, RetSubmit, pack
 from emulator.usbip.constants import USBIP_DIR_IN, USBIP_DIR_OUT, USBIP_PORT
@@ -50,12 +51,6 @@ def pcap(
     return b"".join(parts)
 
 
-def _block(bo: str, btype: int, body: bytes) -> bytes:
-    body += b"\0" * (-len(body) % 4)
-    length = len(body) + 12
-    return struct.pack(bo + "II", btype, length) + body + struct.pack(bo + "I", length)
-
-
 def pcapng(
     frames: Iterable[Frame],
     linktype: int,
@@ -66,18 +61,13 @@ def pcapng(
 ) -> bytes:
     """A pcapng file with one section and one interface (if_tsresol = 10^-tsresol)."""
     bo = ">" if big_endian else "<"
-    shb = _block(bo, 0x0A0D0D0A, struct.pack(bo + "IHHq", 0x1A2B3C4D, 1, 0, -1))
-    options = struct.pack(bo + "HHB3x", 9, 1, tsresol) + struct.pack(bo + "HH", 0, 0)
-    idb = _block(bo, 1, struct.pack(bo + "HHI", linktype, 0, snaplen) + options)
-    parts = [shb, idb]
+    parts = [
+        wire.section_header(bo=bo),
+        wire.interface_description(linktype, snaplen, [(wire.IF_TSRESOL, bytes([tsresol]))], bo=bo),
+    ]
     scale = 10**tsresol
     for ts, data in frames:
-        stamp = round(ts * scale)
-        caplen = min(len(data), snaplen)
-        body = (
-            struct.pack(bo + "IIIII", 0, stamp >> 32, stamp & 0xFFFFFFFF, caplen, len(data)) + data[:caplen]
-        )
-        parts.append(_block(bo, 6, body))
+        parts.append(wire.enhanced_packet(round(ts * scale), data, caplen=snaplen, bo=bo))
     return b"".join(parts)
 
 
@@ -154,15 +144,9 @@ def usbmon_record(
 # --- TCP/IP around USB/IP ---------------------------------------------------------------------------------------
 
 
-def _ipv4_checksum(header: bytes) -> int:
-    total: int = sum(struct.unpack(">10H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-class TcpConnection:
-    """Frames of one TCP connection between a client and a USB/IP server, with consistent sequence numbers."""
+class TcpConnection(wire.TcpFrames):
+    """Frames of one TCP connection between a client and a USB/IP server, with consistent sequence numbers
+    (IPv4 only; every frame, SYN included, acknowledges what the other side sent)."""
 
     def __init__(
         self,
@@ -172,43 +156,15 @@ class TcpConnection:
         client_isn: int = 1000,
         server_isn: int = 5000,
     ) -> None:
-        self.client = (ipaddress.ip_address(client[0]).packed, client[1])
-        self.server = (ipaddress.ip_address(server[0]).packed, server[1])
-        if len(self.client[0]) != 4 or len(self.server[0]) != 4:
+        if ipaddress.ip_address(client[0]).version != 4 or ipaddress.ip_address(server[0]).version != 4:
             raise ValueError("TcpConnection builds IPv4 frames")
-        self.seq = {True: client_isn, False: server_isn}  # keyed by "to server"
-        self.ip_id = 0
+        super().__init__(client, server, client_isn=client_isn, server_isn=server_isn)
 
     def frame(
         self, to_server: bool, payload: bytes = b"", flags: int = 0x18, seq: int | None = None
     ) -> bytes:
         """One Ethernet/IPv4/TCP frame (flags: 0x18 PSH|ACK, 0x02 SYN, 0x12 SYN|ACK, 0x11 FIN|ACK)."""
-        src, dst = (self.client, self.server) if to_server else (self.server, self.client)
-        own = self.seq[to_server]
-        if seq is None:
-            seq = own
-        ack = self.seq[not to_server]
-        self.ip_id = (self.ip_id + 1) & 0xFFFF
-        tcp = struct.pack(
-            ">HHIIBBHHH", src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags, 65535, 0, 0
-        )
-        ip = struct.pack(
-            ">BBHHHBBH4s4s",
-            0x45,
-            0,
-            20 + len(tcp) + len(payload),
-            self.ip_id,
-            0x4000,
-            64,
-            6,
-            0,
-            src[0],
-            dst[0],
-        )
-        ip = ip[:10] + struct.pack(">H", _ipv4_checksum(ip)) + ip[12:]
-        mac_src = b"\x02\0\0\0\0" + (b"\x02" if to_server else b"\x01")
-        mac_dst = b"\x02\0\0\0\0" + (b"\x01" if to_server else b"\x02")
-        return mac_dst + mac_src + b"\x08\x00" + ip + tcp + payload
+        return self.headers(to_server, len(payload), flags, seq, ack=self.seq[not to_server]) + payload
 
     def handshake(self) -> list[bytes]:
         frames = [self.frame(True, flags=0x02), self.frame(False, flags=0x12)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import struct
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from emulator.errors import VusbError
+from emulator.tap import SessionTap, Tap, data_callback, session_tap
 from emulator.usb.descriptors import (
     Configuration,
     DeviceDescriptor,
@@ -110,6 +112,7 @@ ETIMEDOUT: Final = 110
 _SOCKET_BUFFER = 4 << 20
 _READ_BUFFER = 1 << 20
 _WRITE_HIGH_WATER = 1 << 20
+_CONNECTION_IDS = itertools.count(1)  # a tap's connection ids, unique in the process
 
 # USB 2.0 §11.24.2: SET_FEATURE(PORT_RESET) to a hub port (bmRequestType USB_RT_PORT = class | other).
 # stub_rx.c is_reset_device_cmd() turns exactly this request into usb_reset_device().
@@ -298,9 +301,12 @@ class _Link(asyncio.BufferedProtocol):
     connection to `on_lost` (exactly once). The kernel reads straight into one preallocated buffer
     (`BufferedProtocol`), so no bytes object is allocated per read."""
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, tap: Tap | SessionTap | None = None) -> None:
         self.peer = peer
         self.conn = ClientConnection()
+        self.cid = next(_CONNECTION_IDS)
+        self._tap = data_callback(tap)  # sees every byte both ways (emulator.tap)
+        self._session_tap = session_tap(tap)
         self.transport: asyncio.Transport | None = None
         self.on_event: Callable[[object], None] = self._unexpected
         self.on_lost: Callable[[HostError], None] = lambda error: None
@@ -326,11 +332,18 @@ class _Link(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        if self._session_tap is not None:
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._session_tap.opened(self.cid, sock.getsockname()[:2], sock.getpeername()[:2])
+            else:
+                self._session_tap = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._receive
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._tap is not None:
+            self._tap(self.cid, False, bytes(self._receive[:nbytes]))
         self.conn.receive_data(self._receive[:nbytes])
         self._pump()
 
@@ -347,6 +360,8 @@ class _Link(asyncio.BufferedProtocol):
         else:
             why = f"{self.peer} closed the connection (device unplugged or server stopped)"
         self._lost(DeviceGone(why))
+        if self._session_tap is not None:
+            self._session_tap.closed(self.cid, why)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         if not self.closed.done():
@@ -407,7 +422,10 @@ class _Link(asyncio.BufferedProtocol):
             return
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if self._tap is not None:
+                self._tap(self.cid, True, data)
+            transport.write(data)
         out.clear()
 
     async def drain(self) -> None:
@@ -439,11 +457,11 @@ class _Link(asyncio.BufferedProtocol):
                 self.transport.abort()
 
 
-async def _connect(host: str, port: int, timeout: float | None) -> _Link:
+async def _connect(host: str, port: int, timeout: float | None, tap: Tap | SessionTap | None = None) -> _Link:
     loop = asyncio.get_running_loop()
     peer = f"{host}:{port}"
     try:
-        _, link = await asyncio.wait_for(loop.create_connection(lambda: _Link(peer), host, port), timeout)
+        _, link = await asyncio.wait_for(loop.create_connection(lambda: _Link(peer, tap), host, port), timeout)
     except TimeoutError:
         raise HostConnectError(f"cannot connect to {peer}: no answer within {timeout:g} s") from None
     except OSError as exc:
@@ -478,10 +496,11 @@ async def _operation(link: _Link, request: OpReqDevlist | OpReqImport, timeout: 
         raise HostError(f"{link.peer} did not answer {what} within {timeout:g} s") from None
 
 
-async def list_devices(host: str, port: int = USBIP_PORT, *,
-                       timeout: float | None = CONNECT_TIMEOUT) -> tuple[OpDevlistReplyExtra, ...]:
-    """The devices `host` exports (OP_REQ_DEVLIST), as usbipd describes them."""
-    link = await _connect(host, port, timeout)
+async def list_devices(host: str, port: int = USBIP_PORT, *, timeout: float | None = CONNECT_TIMEOUT,
+                       tap: Tap | SessionTap | None = None) -> tuple[OpDevlistReplyExtra, ...]:
+    """The devices `host` exports (OP_REQ_DEVLIST), as usbipd describes them. `tap` sees the connection
+    (`emulator.tap`)."""
+    link = await _connect(host, port, timeout, tap)
     try:
         reply = await _operation(link, OpReqDevlist(), timeout)
     finally:
@@ -494,10 +513,11 @@ async def list_devices(host: str, port: int = USBIP_PORT, *,
 
 
 async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
-                        timeout: float | None = CONNECT_TIMEOUT) -> RemoteDevice:
+                        timeout: float | None = CONNECT_TIMEOUT,
+                        tap: Tap | SessionTap | None = None) -> RemoteDevice:
     """Import `busid` from `host` (OP_REQ_IMPORT) and enumerate it; close the result when done (or use
-    `async with`)."""
-    link = await _connect(host, port, timeout)
+    `async with`). `tap` sees every byte of the connection (`emulator.tap`), e.g. a pcapng recorder's."""
+    link = await _connect(host, port, timeout, tap)
     try:
         reply = await _operation(link, OpReqImport(busid=busid), timeout)
     except BaseException:

@@ -24,11 +24,12 @@ import logging
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from emulator.devices.base import Device, Reply, TransferStatus
 from emulator.errors import VusbError
+from emulator.tap import SessionTap, Tap, data_callback, session_tap
 from emulator.usb.setup import SetupPacket
 from emulator.usbip import (
     NEED_DATA,
@@ -67,9 +68,6 @@ _IOV_MAX = 512
 
 # USB 2.0 11.24.2: hub class request SET_FEATURE(PORT_RESET) — bmRequestType 0x23 (class, other)
 _PORT_RESET_REQUEST = (0x23, 0x03, 4)
-
-#: A tap sees every byte of every connection: (connection id, True if client→server, bytes).
-Tap = Callable[[int, bool, bytes], None]
 
 
 class ServerError(VusbError):
@@ -405,6 +403,8 @@ class _Session:
         if self.sock.fileno() >= 0:
             self.loop.remove_writer(self.sock)
             self.sock.close()
+            if self.server._session_tap is not None:
+                self.server._session_tap.closed(self.cid, self._closing or "closed")
         self.server._sessions.discard(self)
         self.closed.set()
 
@@ -436,13 +436,14 @@ class UsbipServer:
         host: str = "127.0.0.1",
         port: int = USBIP_PORT,
         limits: Limits = DEFAULT_LIMITS,
-        tap: Tap | None = None,
+        tap: Tap | SessionTap | None = None,
     ) -> None:
         self.exports = make_exports(devices)
         self.host = host
         self.port = port
         self.limits = limits
-        self.tap = tap
+        self.tap = data_callback(tap)
+        self._session_tap = session_tap(tap)  # also told of connections opening and closing (emulator.tap)
         self._listeners: list[socket.socket] = []
         self._sessions: set[_Session] = set()
         self._next_cid = 0
@@ -484,6 +485,8 @@ class UsbipServer:
             self._next_cid += 1
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
             log.info("connection %d from %s", self._next_cid, peer)
+            if self._session_tap is not None and isinstance(addr, tuple):
+                self._session_tap.opened(self._next_cid, addr[:2], sock.getsockname()[:2])
             self._sessions.add(_Session(self, self._next_cid, sock, peer))
 
     async def serve_forever(self) -> None:
