@@ -339,6 +339,10 @@ class _Session:
 
     # -- USB/IP -------------------------------------------------------------------------------------------
 
+    def _wakeup_threadsafe(self) -> None:
+        """The device's wake-up hook: may be called from any thread (a key typed in another thread)."""
+        self.loop.call_soon_threadsafe(self.on_wakeup)
+
     def on_wakeup(self) -> None:
         """Called on the loop (via call_soon_threadsafe) when the device may complete queued URBs."""
         if self.dispatcher is None or self._closing is not None:
@@ -382,8 +386,7 @@ class _Session:
         self.export = export
         export.device.reset()
         self.dispatcher = UrbDispatcher(export.device)
-        loop = self.loop
-        export.device.set_wakeup(lambda: loop.call_soon_threadsafe(self.on_wakeup))
+        export.device.set_wakeup(self._wakeup_threadsafe)
         log.info("%s: imported %s (%r)", self.peer, busid, export.device)
         return OpRepImport(status=ST_OK, udev=export.usb_device())
 
