@@ -22,7 +22,7 @@ from tools.vm.initramfs import (
     parse_show_depends,
 )
 from tools.vm.kernel import GuestKernel, parse_apt_depends, parse_apt_version
-from tools.vm.pytest_plugin import SuiteOutcome, parse_results
+from tools.vm.pytest_plugin import GuestEcho, SuiteOutcome, parse_results
 from tools.vm.qemu import QemuConfig, command_line, kernel_append
 from tools.vm.runner import command_script, console_tail, guest_environment, stage2_script, writable_dirs
 
@@ -291,3 +291,21 @@ def test_console_tail_keeps_the_panic_reason_above_a_long_stack_dump():
     tail = console_tail(text, lines=40)
     assert tail.splitlines()[0].startswith("Kernel panic") and len(tail.splitlines()) == 61
     assert console_tail("a\nb\nc", lines=2) == "b\nc"
+
+
+def test_guest_echo_prints_whole_lines_and_skips_the_guests_failure_sections():
+    out: list[str] = []
+    echo = GuestEcho(out.append)
+    echo("stdout", "t.py::a PASS")
+    echo("stdout", "ED\nt.py::b FAILED\n")
+    echo("stdout", "=========== FAILURES ===========\n___ b ___\nassert 0\n")
+    echo("stderr", "guest stderr line\n")
+    echo("stdout", "==== short test summary info ====\nFAILED t.py::b\n")
+    assert out == [
+        "[vm] t.py::a PASSED",
+        "[vm] t.py::b FAILED",
+        "[vm] (failure details follow in this run's own FAILURES section)",
+        "[vm] guest stderr line",
+        "[vm] ==== short test summary info ====",
+        "[vm] FAILED t.py::b",
+    ]

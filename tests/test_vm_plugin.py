@@ -93,6 +93,7 @@ def test_plugin_reports_each_guest_outcome_on_the_host_from_one_boot(tmp_path):
     assert kind == "skipped" and "guest-side skip reason" in text
     kind, text = outcomes["test_hangs_in_guest"]
     assert kind == "failure" and "exceeded its 3 s timeout in the guest" in text
+    assert "in test_hangs_in_guest" in out  # faulthandler's stack dump, from the captured stderr
     assert outcomes["test_after_the_hang_still_runs"][0] == "passed", out
     assert out.count("vusb: booting the QEMU guest for 5 kernel tests") == 1
     assert "5/5 kernel tests in one guest boot" in out and "boot-to-command" in out

@@ -18,12 +18,13 @@ import contextlib
 import faulthandler
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ RESULTS_ENV = "VUSB_VM_RESULTS"
 DEFAULT_TEST_TIMEOUT = 300.0
 DEFAULT_SUITE_TIMEOUT = 1800.0
 KEEP_RUN_DIRS = 5
+_SECTION = re.compile(r"^=+ [A-Za-z][^=]* =+$")  # pytest's section separators
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -92,8 +94,8 @@ class GuestSide:
         self._emit({"start": item.nodeid})
 
         def expired(signum: int, frame: object) -> None:
-            with contextlib.suppress(Exception):  # where every thread was: to the guest's real stderr log
-                faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+            with contextlib.suppress(Exception):  # every thread's stack, into the captured stderr (fd 2)
+                faulthandler.dump_traceback(file=2, all_threads=True)
             raise _TestTimeout(f"{item.nodeid} exceeded its {limit:g} s timeout in the guest")
 
         previous = signal.signal(signal.SIGALRM, expired)
@@ -157,6 +159,27 @@ def parse_results(lines: Iterator[str] | list[str], outcome: SuiteOutcome) -> No
             outcome.finished = record["finished"]
 
 
+class GuestEcho:
+    """Echoes the guest's live output as whole `[vm] ` lines (it arrives in arbitrary chunks). The guest's
+    FAILURES/ERRORS sections are skipped: the host prints each failure itself (they stay in the guest log)."""
+
+    def __init__(self, write_line: Callable[[str], object]) -> None:
+        self._write = write_line
+        self._pending = {"stdout": "", "stderr": ""}
+        self._muted = False
+
+    def __call__(self, name: str, text: str) -> None:
+        *lines, self._pending[name] = (self._pending[name] + text).split("\n")
+        for line in lines:
+            if name == "stdout" and _SECTION.match(line):
+                self._muted = line.strip("= ") in ("FAILURES", "ERRORS")
+                if self._muted:
+                    self._write("[vm] (failure details follow in this run's own FAILURES section)")
+                    continue
+            if not (self._muted and name == "stdout"):
+                self._write(f"[vm] {line}")
+
+
 class HostSide:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -171,7 +194,8 @@ class HostSide:
             if dropped:
                 self.deselected = len(dropped)
                 config.hook.pytest_deselected(items=dropped)
-                items[:] = [i for i in items if i not in set(dropped)]
+                gone = set(dropped)
+                items[:] = [i for i in items if i not in gone]
             return
         self.kernel_items = [i for i in items if _is_kernel(i)]
 
@@ -204,8 +228,9 @@ class HostSide:
         base.mkdir(exist_ok=True)
         old = sorted(base.glob("kernel-suite-*"))
         for stale in old[: max(0, len(old) - KEEP_RUN_DIRS + 1)]:
-            if time.time() - stale.stat().st_mtime > 3600:  # never a concurrent run's live directory
-                shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > 3600:  # never a concurrent run's live directory
+                    shutil.rmtree(stale, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=time.strftime("kernel-suite-%Y%m%d-%H%M%S-"), dir=base))
 
     def _guest_command(self) -> list[str]:
@@ -229,15 +254,6 @@ class HostSide:
         results = run_dir / "results.jsonl"
         stream = self.config.option.verbose >= 0  # -q silences the guest's live output (still in the logs)
 
-        pending = {"stdout": "", "stderr": ""}
-
-        def sink(name: str, text: str) -> None:
-            # Whole lines only: the guest's output arrives in arbitrary chunks.
-            *lines, pending[name] = (pending[name] + text).split("\n")
-            if tr is not None:
-                for line in lines:
-                    tr.write_line(f"[vm] {line}")
-
         if tr is not None:
             tr.write_line("")
             tr.write_line(
@@ -252,7 +268,7 @@ class HostSide:
                 cwd=self.config.rootpath,
                 mem_mb=self.config.getoption("vm_mem"),
                 io_dir=run_dir,
-                on_output=sink if stream else None,
+                on_output=GuestEcho(tr.write_line) if stream and tr is not None else None,
             )
         except VmTimeout as exc:
             outcome.error = str(exc)
