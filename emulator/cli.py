@@ -65,9 +65,10 @@ def _register_commands() -> None:
 
     register_host_commands(cli)  # list, info, disk dump|write, demo
 
-    from gadgets.cli import emulate_command
+    from gadgets.cli import attach_command, detach_command, emulate_command, port_command
 
-    cli.add_command(emulate_command)
+    for command in (emulate_command, attach_command, port_command, detach_command):
+        cli.add_command(command)
 
 
 _register_commands()

@@ -184,3 +184,115 @@ def _type_when_ready(gadget: FunctionFsGadget, device: Device, text: str) -> Non
     time.sleep(1.0)
     keyboard.type_text(text)
     console.print(f"typed {len(text)} characters")
+
+
+# --- the bridge: vusb attach / port / detach ---------------------------------------------------------------------
+
+
+def _usbip(*args: str, port: int | None = None) -> str:
+    """Run Linux's `usbip` tool; its errors become one line."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("usbip")
+    if tool is None:
+        raise GadgetError("the `usbip` tool is missing (Debian: apt-get install usbip)")
+    argv = [tool, *(("--tcp-port", str(port)) if port is not None else ()), *args]
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    if res.returncode != 0:
+        raise GadgetError(f"`usbip {' '.join(args)}` failed: {(res.stderr or res.stdout).strip()[-300:]}")
+    return res.stdout + res.stderr
+
+
+@click.command("attach")
+@click.option("-r", "--remote", "host", required=True, help="USB/IP server to import from.")
+@click.option("-b", "--busid", required=True, help="Bus ID of the exported device (see `vusb list`).")
+@click.option("--tcp-port", "tcp_port", default=3240, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--udc", default=None, help="Bridge: the UDC to present it on (default: the first free dummy_udc).")
+@click.option("--name", default=None, help="Bridge: configfs gadget name (default: vusb-bridge-BUSID).")
+@click.option("--vhci", is_flag=True, help="Use the kernel's `usbip attach` (vhci-hcd) instead of a gadget.")
+def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: str | None, vhci: bool) -> None:
+    """Import a remote USB/IP device and present it locally: as a gadget bridged by vusb (default, runs until
+    Ctrl-C or until the remote goes away), or through the kernel's vhci-hcd (`--vhci`, returns at once)."""
+    if vhci:
+        import subprocess
+
+        subprocess.run(["modprobe", "vhci-hcd"], capture_output=True, check=False)
+        _usbip("attach", "-r", host, "-b", busid, port=tcp_port)
+        console.print(f"[green]attached[/] {busid} from {host}:{tcp_port} through vhci-hcd (see `vusb port`)")
+        return
+    from gadgets.bridge import Bridge, BridgeError
+
+    udc = check_environment(udc)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        with Bridge(host, busid, port=tcp_port, udc=udc, name=name) as bridge:
+            assert bridge.image is not None and bridge.gadget is not None
+            d = bridge.image.device
+            table = Table(title="vusb bridge", show_header=False)
+            table.add_row("remote", f"{busid} on {host}:{tcp_port} — {d.id_vendor:04x}:{d.id_product:04x} "
+                          f"{bridge.image.strings.get(d.i_product, '')}, {bridge.image.speed.name.lower()} speed")
+            table.add_row("gadget", f"{bridge.name} on {bridge.udc}")
+            for line in report_lines(bridge.gadget.layout):
+                table.add_row("note", line)
+            console.print(table)
+            console.print("[green]bridged[/] — Ctrl-C to detach")
+            while not bridge.wait(0.5):
+                pass
+            raise BridgeError(bridge.failure or "the bridge stopped on its own")
+    except (KeyboardInterrupt, _Stop):
+        console.print("detached: gadget unbound and removed, remote released")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@click.command("port")
+def port_command() -> None:
+    """Show imported devices: vusb bridges (gadgets) and the kernel's vhci-hcd ports."""
+    from gadgets.bridge import running_bridges
+
+    table = Table(title="imported USB devices")
+    for column in ("kind", "port / name", "remote", "id", "local"):
+        table.add_column(column)
+    for state in running_bridges():
+        table.add_row("bridge", state["name"], f"{state['busid']} on {state['host']}:{state['port']}",
+                      state.get("id", ""), f"{state.get('udc')} (pid {state['pid']})")
+    if Path("/sys/devices/platform/vhci_hcd.0").exists():
+        import re
+        import shutil
+
+        if shutil.which("usbip"):
+            text = _usbip("port")
+            for match in re.finditer(r"Port (\d+): <Port in Use>.*?\((\w{4}:\w{4})\).*?usbip://(\S+)", text, re.S):
+                number, ids, url = match.groups()
+                table.add_row("vhci", number, url, ids, "vhci_hcd")
+    console.print(table if table.row_count else "no imported devices")
+
+
+@click.command("detach")
+@click.option("-p", "--port", "vhci_port", type=int, default=None, help="vhci port to detach (`usbip detach`).")
+@click.option("-b", "--bridge", "bridge", default=None, help="Bridge to stop: its name or remote bus ID.")
+def detach_command(vhci_port: int | None, bridge: str | None) -> None:
+    """Detach an imported device: a vhci port, or a running vusb bridge (its gadget is removed)."""
+    if (vhci_port is None) == (bridge is None):
+        raise click.UsageError("give exactly one of --port N (vhci) or --bridge NAME")
+    if vhci_port is not None:
+        _usbip("detach", "-p", str(vhci_port))
+        console.print(f"detached vhci port {vhci_port}")
+        return
+    from gadgets.bridge import running_bridges
+
+    matches = [s for s in running_bridges() if bridge in (s["name"], s["busid"])]
+    if not matches:
+        raise GadgetError(f"no running bridge named {bridge!r} (see `vusb port`)")
+    if len(matches) > 1:
+        raise GadgetError(f"{bridge!r} matches {len(matches)} bridges: name one ({', '.join(s['name'] for s in matches)})")
+    state = matches[0]
+    os.kill(int(state["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not any(s["name"] == state["name"] for s in running_bridges()):
+            console.print(f"detached bridge {state['name']}")
+            return
+        time.sleep(0.2)
+    raise GadgetError(f"bridge {state['name']} (pid {state['pid']}) did not stop within 30 s")

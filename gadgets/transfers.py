@@ -153,6 +153,9 @@ class BulkOnlySizer:
     def next_in(self, queued: int) -> int | None:
         if queued >= self.depth or not self._in_plan:
             return None
+        if queued and self._in_plan[0] == US_BULK_CS_WRAP_LEN and len(self._in_plan) == 1 \
+                and self.phase is not BotPhase.DATA_OUT:
+            return None  # the CSW after the data-in has ended: a stall there would take the CSW URB with it
         return self._in_plan.pop(0)
 
     def in_done(self, data: bytes) -> None:

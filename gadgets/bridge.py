@@ -1,0 +1,651 @@
+"""The bridge: a device exported by a USB/IP server, presented to a local USB host as a Linux gadget.
+
+`emulator.host` imports the device (OP_REQ_IMPORT) and enumerates it; the gadget mirrors what it read —
+IDs, class triple, strings, power, speed, and through one FunctionFS function the active configuration's
+interfaces, endpoint types, packet sizes, intervals and the class descriptors f_fs can carry (HID report
+descriptors are fetched by the host through ep0, which is forwarded; CDC functional descriptors f_fs
+refuses are listed). Then requests flow: SETUP requests that reach the function are sent to the remote and
+answered from its reply (a STALL stays a STALL); bulk and interrupt data move both ways with several URBs in
+flight per endpoint (`gadgets.transfers` sizes them so no transfer is merged or split wrongly; Bulk-Only
+mass storage is framed from its CBWs).
+
+Two event loops meet here: the FunctionFS loop (its thread runs `BridgeFunction`, like every handler) and an
+asyncio loop on its own thread that owns the `RemoteDevice`. URBs are submitted with
+`loop.call_soon_threadsafe` and their results come back with `FunctionFs.call_soon`.
+
+What the host does that libcomposite keeps to itself reaches the remote as its effect: ENABLE (the host's
+SET_CONFIGURATION or SET_INTERFACE) sends SET_CONFIGURATION to the remote; DISABLE and UNBIND (host reset,
+driver gone, unplug) unlink every URB still at the remote. A halt the remote reports (-EPIPE) halts the
+gadget endpoint once and is cleared at the remote at once (the UDC answers the host's CLEAR_FEATURE without
+telling us, as in `gadgets.model`). When the remote goes away the gadget is unbound and the error says why.
+Isochronous endpoints are refused (`ffs_layout`): neither FunctionFS nor this bridge can keep their timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emulator.devices.base import STALL, Reply
+from emulator.host import (
+    DeviceGone,
+    HostError,
+    RemoteDevice,
+    StallError,
+    TransferError,
+    UrbResult,
+    import_device,
+)
+from emulator.usb.descriptors import Configuration, DeviceDescriptor, InterfaceAssociationDescriptor
+from emulator.usb.setup import (
+    FeatureSelector,
+    Recipient,
+    RequestType,
+    SetupPacket,
+    Speed,
+    StandardRequest,
+    TransferType,
+)
+from emulator.usbip.constants import EPIPE, USBIP_PORT
+from gadgets.configfs import FunctionSpec, GadgetSpec
+from gadgets.ffs import (
+    ESHUTDOWN,
+    LOCK_DIR,
+    FfsEndpoint,
+    FfsEvent,
+    FfsLayout,
+    FunctionFs,
+    FunctionFsError,
+    FunctionFsGadget,
+    ffs_layout,
+    report_lines,
+)
+from gadgets.transfers import BulkOnlySizer, PacketSizer, TransferSizer, is_bulk_only
+
+log = logging.getLogger(__name__)
+
+US_BULK_RESET_REQUEST = 0xFF
+CONTROL_TIMEOUT = 5.0  # the kernel's USB_CTRL_GET_TIMEOUT; the local host gives up about then too
+BRIDGES_DIR = LOCK_DIR / "bridges"
+_MAX_SPEED = {Speed.LOW: "full-speed", Speed.FULL: "full-speed", Speed.HIGH: "high-speed",
+              Speed.SUPER: "super-speed", Speed.SUPER_PLUS: "super-speed"}
+
+
+class BridgeError(FunctionFsError):
+    """The bridge cannot start or had to stop (remote unreachable or gone, a device it cannot mirror)."""
+
+
+# --- what the remote looks like --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteImage:
+    """What the bridge mirrors: read from the remote once, at import."""
+
+    host: str
+    port: int
+    busid: str
+    speed: Speed
+    device: DeviceDescriptor
+    configuration: Configuration
+    strings: dict[int, str]
+
+
+async def describe_remote(remote: RemoteDevice, host: str, port: int) -> RemoteImage:
+    """The active configuration (the first one if the exporter left it unconfigured) and every string the
+    gadget will show."""
+    value = 0
+    with contextlib.suppress(TransferError):
+        value = await remote.get_configuration()
+    configuration = remote.configuration(value) or (remote.configurations[0] if remote.configurations else None)
+    if configuration is None:
+        raise BridgeError(f"{remote.busid} on {host}:{port} has no configuration to mirror")
+    d = remote.device_descriptor
+    indices = {d.i_manufacturer, d.i_product, d.i_serial_number, configuration.descriptor.i_configuration}
+    for interface in configuration.interfaces:
+        for alt in interface.alternates:
+            indices.add(alt.descriptor.i_interface)
+            indices.update(x.i_function for x in alt.leading if isinstance(x, InterfaceAssociationDescriptor))
+    strings: dict[int, str] = {}
+    for index in sorted(i for i in indices if i):
+        try:
+            strings[index] = await remote.get_string(index) or ""
+        except (TransferError, HostError) as exc:
+            if isinstance(exc, DeviceGone):
+                raise
+            log.warning("string %d of %s: %s (left empty)", index, remote.busid, exc)
+    try:
+        speed = Speed(remote.speed)
+    except ValueError:
+        speed = Speed.HIGH
+    return RemoteImage(host, port, remote.busid, speed, d, configuration, strings)
+
+
+def bridge_spec(image: RemoteImage, name: str) -> GadgetSpec:
+    """The configfs side: the remote's identity, power and speed."""
+    d = image.device
+    header = image.configuration.descriptor
+    unit = 8 if image.speed >= Speed.SUPER else 2
+    instance = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return GadgetSpec(
+        name=name, idVendor=d.id_vendor, idProduct=d.id_product, bcdDevice=d.bcd_device, bcdUSB=d.bcd_usb,
+        bDeviceClass=d.device_class, bDeviceSubClass=d.device_subclass, bDeviceProtocol=d.device_protocol,
+        manufacturer=image.strings.get(d.i_manufacturer, ""), product=image.strings.get(d.i_product, ""),
+        serialnumber=image.strings.get(d.i_serial_number, ""),
+        configuration=image.strings.get(header.i_configuration, ""),
+        bmAttributes=header.attributes | 0x80, MaxPower=min(header.max_power * unit, 900),
+        functions=(FunctionSpec("ffs", instance),), max_speed=_MAX_SPEED.get(image.speed),
+    )
+
+
+# --- the remote side: an asyncio loop on its own thread ----------------------------------------------------------
+
+
+@dataclass
+class _Token:
+    """One URB as the FunctionFS side knows it; `urb` is filled in on the asyncio thread."""
+
+    endpoint: int
+    urb: Any = None
+    result: UrbResult | None = None
+    error: BaseException | None = None
+    done: bool = False
+    cancelled: bool = False
+
+
+class RemoteSide:
+    """The `RemoteDevice` and the event loop it lives on."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="bridge-remote", daemon=True)
+        self._thread.start()
+        self.remote: RemoteDevice | None = None
+        self._tokens: set[int] = set()
+
+    def run(self, coro: Any, timeout: float | None) -> Any:
+        """Run a coroutine on the remote loop and wait for it from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def open(self, host: str, busid: str, port: int) -> RemoteImage:
+        async def go() -> RemoteImage:
+            self.remote = await import_device(host, busid, port)
+            return await describe_remote(self.remote, host, port)
+
+        return self.run(go(), 60)
+
+    def submit(self, token: _Token, data_or_length: bytes | int, done: Callable[[_Token], None]) -> None:
+        """Submit one URB (from any thread); `done(token)` runs on the remote loop when it ends."""
+
+        def finish(future: asyncio.Future[UrbResult]) -> None:
+            if future.cancelled():
+                token.error = DeviceGone("the URB was cancelled")
+            elif future.exception() is not None:
+                token.error = future.exception()
+            else:
+                token.result = future.result()
+            token.done = True
+            done(token)
+
+        def go() -> None:
+            remote = self.remote
+            if token.cancelled or remote is None:
+                token.error, token.done = DeviceGone("bridge stopping"), True
+                done(token)
+                return
+            try:
+                token.urb = remote.submit(token.endpoint, data_or_length, timeout=None)
+            except HostError as exc:
+                token.error, token.done = exc, True
+                done(token)
+                return
+            token.urb.future.add_done_callback(finish)
+
+        self.loop.call_soon_threadsafe(go)
+
+    def cancel(self, token: _Token) -> None:
+        """Unlink the URB (from any thread); its result still comes, marked unlinked."""
+        token.cancelled = True
+
+        def go() -> None:
+            if token.urb is not None and self.remote is not None and not token.urb.done():
+                self.remote.cancel(token.urb)
+
+        self.loop.call_soon_threadsafe(go)
+
+    def request(self, setup: SetupPacket, data: bytes, timeout: float = CONTROL_TIMEOUT) -> Reply:
+        """A control transfer at the remote, from the FunctionFS thread: its data, or STALL."""
+        remote = self.remote
+        if remote is None:
+            return STALL
+        try:
+            answer = self.run(remote.request(setup, data, timeout=timeout), timeout + 2)
+        except DeviceGone:
+            raise
+        except StallError:
+            return STALL
+        except TransferError as exc:
+            log.warning("%s at the remote: %s; answering STALL", setup, exc)
+            return STALL
+        except TimeoutError:
+            log.warning("%s: no answer from the remote within %g s; answering STALL", setup, timeout)
+            return STALL
+        if isinstance(answer, bytes):
+            return Reply(data=answer)
+        return Reply(actual_length=answer)
+
+    def background(self, coro: Any, done: Callable[[BaseException | None], None]) -> None:
+        """Run `coro` on the remote loop without waiting; `done(error)` on the remote loop after."""
+
+        async def go() -> None:
+            try:
+                await coro
+            except BaseException as exc:  # reported, not raised: nobody awaits this task
+                done(exc)
+            else:
+                done(None)
+
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(go()))
+
+    def close(self) -> None:
+        if self.remote is not None:
+            with contextlib.suppress(Exception):
+                self.run(self.remote.close(), 10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+# --- the FunctionFS side ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pipe:
+    ep: FfsEndpoint
+    sizer: TransferSizer
+    urbs: deque[_Token] = field(default_factory=deque)  # at the remote, in submission order
+    pending: deque[bytes] = field(default_factory=deque)  # OUT: read from the gadget, not yet submitted
+    halt_pending: bool = False  # IN: halt the gadget endpoint once its queued writes are gone
+    clearing: bool = False  # CLEAR_FEATURE(ENDPOINT_HALT) on its way to the remote
+
+
+class BridgeFunction:
+    """The `FunctionFsHandler` that forwards everything to the remote (runs on the FunctionFS thread)."""
+
+    def __init__(self, remote: RemoteSide, image: RemoteImage, layout: FfsLayout, *, depth: int = 8,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.remote = remote
+        self.image = image
+        self.layout = layout
+        self.depth = depth
+        self.on_failure = on_failure
+        self.ffs: FunctionFs | None = None
+        self.active = False
+        self.failure: str | None = None
+        self._pipes: dict[int, _Pipe] = {}
+        self._reported: list[str] = []
+        self.configuration_value = image.configuration.descriptor.configuration_value
+
+    # -- FunctionFsHandler ------------------------------------------------------------------------------
+
+    def attach(self, ffs: FunctionFs) -> None:
+        self.ffs = ffs
+        self._build_pipes(self.image.speed)
+
+    def _build_pipes(self, speed: Speed) -> None:
+        speed = Speed.FULL if speed is Speed.LOW else min(speed, Speed.SUPER)
+        self._pipes = {}
+        for ep in self.layout.endpoints:
+            interface = self.layout.interface_for(ep.interface)
+            packet = ep.packet_size(speed)
+            sizer: TransferSizer
+            if interface is not None and ep.transfer_type is TransferType.BULK and is_bulk_only(
+                    interface.interface_class, interface.interface_subclass, interface.interface_protocol):
+                sizer = self._bot_sizer(ep.interface, packet)
+            else:
+                sizer = PacketSizer(packet, in_size=packet, depth=self.depth)
+            self._pipes[ep.index] = _Pipe(ep, sizer)
+
+    def _bot_sizer(self, interface: int, packet: int) -> TransferSizer:
+        """One BulkOnlySizer per BOT interface, shared by its IN and OUT pipes (the CBW plans the IN side)."""
+        for pipe in self._pipes.values():
+            if pipe.ep.interface == interface and isinstance(pipe.sizer, BulkOnlySizer):
+                return pipe.sizer
+        return BulkOnlySizer(packet, depth=self.depth)
+
+    def event(self, event: FfsEvent) -> None:
+        ffs = self._ffs
+        if event is FfsEvent.ENABLE:
+            self._cancel_all()
+            self._build_pipes(ffs.speed or self.image.speed)
+            self._report()
+            self.active = False  # until the remote is configured too
+            value = self.configuration_value
+
+            def configured(error: BaseException | None) -> None:
+                ffs.call_soon(lambda: self._configured(error))
+
+            assert self.remote.remote is not None
+            self.remote.background(self.remote.remote.set_configuration(value), configured)
+        elif event in (FfsEvent.DISABLE, FfsEvent.UNBIND):
+            if self.active:
+                log.info("local host %s: unlinking the URBs at the remote",
+                         "disabled the function" if event is FfsEvent.DISABLE else "went away")
+            self.active = False
+            self._cancel_all()
+        else:
+            log.debug("FunctionFS %s", event.value)
+
+    def _configured(self, error: BaseException | None) -> None:
+        if error is not None:
+            if isinstance(error, DeviceGone):
+                self._fail(f"the remote device went away: {error}")
+                return
+            log.warning("SET_CONFIGURATION(%d) at the remote failed: %s", self.configuration_value, error)
+        if self._ffs.enabled:
+            self.active = True
+            self.pump()
+
+    def control(self, setup: SetupPacket, data: bytes) -> Reply:
+        if (setup.type is RequestType.CLASS and setup.recipient == Recipient.INTERFACE
+                and setup.request == US_BULK_RESET_REQUEST):
+            self._restart_interface(setup.index & 0xFF)  # no stale URB may catch the next command's data
+        try:
+            reply = self.remote.request(setup, data)
+        except DeviceGone as exc:
+            self._fail(f"the remote device went away: {exc}")
+            return STALL
+        if (setup.type is RequestType.STANDARD and setup.recipient == Recipient.ENDPOINT
+                and setup.request == StandardRequest.CLEAR_FEATURE and setup.value == FeatureSelector.ENDPOINT_HALT):
+            ep = self.layout.endpoint_by_address(setup.index & 0xFF)
+            if ep is not None:
+                self._pipes[ep.index].halt_pending = False
+        self._ffs.wake()
+        return reply
+
+    def pump(self) -> None:
+        if not self.active:
+            return
+        for pipe in self._pipes.values():
+            if pipe.ep.is_in:
+                self._pump_in(pipe)
+            else:
+                self._pump_out(pipe)
+
+    def poll_timeout(self) -> float | None:
+        return None
+
+    def outstanding(self) -> int:
+        """URBs submitted to the remote and not ended yet."""
+        return sum(1 for pipe in self._pipes.values() for token in pipe.urbs if not token.done)
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    @property
+    def _ffs(self) -> FunctionFs:
+        if self.ffs is None:
+            raise RuntimeError("BridgeFunction is not attached to a FunctionFs")
+        return self.ffs
+
+    def _fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+            log.error("%s", why)
+            self.active = False
+            if self.on_failure is not None:
+                self.on_failure(why)
+            self._ffs.stop()
+
+    def _cancel_all(self) -> None:
+        for pipe in self._pipes.values():
+            for token in pipe.urbs:
+                if not token.done:
+                    self.remote.cancel(token)
+            pipe.pending.clear()
+            pipe.halt_pending = False
+            pipe.sizer.reset()
+
+    def _restart_interface(self, interface: int) -> None:
+        for pipe in self._pipes.values():
+            if pipe.ep.interface == interface:
+                for token in pipe.urbs:
+                    if not token.done:
+                        self.remote.cancel(token)
+                pipe.pending.clear()
+                pipe.sizer.reset()
+
+    def _submit(self, pipe: _Pipe, data_or_length: bytes | int) -> None:
+        token = _Token(pipe.ep.address)
+        pipe.urbs.append(token)
+        ffs = self._ffs
+        self.remote.submit(token, data_or_length, lambda t: ffs.call_soon(lambda: self._urb_done(pipe, t)))
+
+    def _urb_done(self, pipe: _Pipe, token: _Token) -> None:
+        """A URB ended: hand on results in submission order (the remote completes an endpoint's in order)."""
+        while pipe.urbs and pipe.urbs[0].done:
+            head = pipe.urbs.popleft()
+            self._result(pipe, head)
+        self.pump()
+
+    def _result(self, pipe: _Pipe, token: _Token) -> None:
+        error = token.error
+        if isinstance(error, DeviceGone):
+            if not token.cancelled:
+                self._fail(f"the remote device went away: {error}")
+            return
+        if error is not None:
+            log.warning("URB on %#04x failed: %s", pipe.ep.address, error)
+            return
+        result = token.result
+        assert result is not None
+        if result.unlinked or token.cancelled:
+            return
+        if result.status == -EPIPE:
+            self._remote_halted(pipe)
+            return
+        if result.status not in (0, -75):  # -EOVERFLOW: forward what came
+            log.warning("URB on %#04x ended with status %d", pipe.ep.address, result.status)
+            if result.status == -ESHUTDOWN:
+                self._fail(f"the remote device shut down (status {result.status})")
+            return
+        if pipe.ep.is_in:
+            pipe.sizer.in_done(result.data)
+            if self.active and not self._ffs.write(pipe.ep.index, result.data,
+                                                   lambda status, p=pipe: self._write_done(p, status)):
+                log.debug("IN %#04x: %d bytes not queued on the gadget", pipe.ep.address, len(result.data))
+
+    def _remote_halted(self, pipe: _Pipe) -> None:
+        """The remote STALLed: the local host sees it once, the remote is cleared right away."""
+        address = pipe.ep.address
+        log.debug("remote halted %#04x", address)
+        if pipe.ep.is_in:
+            pipe.halt_pending = True
+        else:
+            self._ffs.halt(pipe.ep.index)
+            pipe.pending.clear()
+        pipe.clearing = True
+        remote = self.remote.remote
+        assert remote is not None
+        ffs = self._ffs
+
+        def cleared(error: BaseException | None) -> None:
+            def back() -> None:
+                pipe.clearing = False
+                if isinstance(error, DeviceGone):
+                    self._fail(f"the remote device went away: {error}")
+                elif error is not None:
+                    log.warning("CLEAR_FEATURE(ENDPOINT_HALT) %#04x at the remote: %s", address, error)
+                self.pump()
+
+            ffs.call_soon(back)
+
+        self.remote.background(remote.clear_halt(address), cleared)
+
+    def _write_done(self, pipe: _Pipe, status: int) -> None:
+        if status < 0 and status != -ESHUTDOWN:
+            log.debug("IN %#04x: gadget write ended with %d", pipe.ep.address, status)
+        self._pump_in(pipe)
+
+    def _pump_in(self, pipe: _Pipe) -> None:
+        ffs = self._ffs
+        index = pipe.ep.index
+        if pipe.halt_pending:
+            if ffs.in_flight(index):
+                return
+            ffs.halt(index)
+            pipe.halt_pending = False
+        if not self.active or pipe.clearing:
+            return
+        while len(pipe.urbs) + ffs.in_flight(index) < self.depth:
+            size = pipe.sizer.next_in(len(pipe.urbs))
+            if size is None:
+                return
+            self._submit(pipe, size)
+
+    def _pump_out(self, pipe: _Pipe) -> None:
+        ffs = self._ffs
+        index = pipe.ep.index
+        if not self.active or pipe.clearing:
+            return
+        while pipe.pending and len(pipe.urbs) < self.depth:
+            self._submit(pipe, pipe.pending.popleft())
+        while True:
+            queued = ffs.in_flight(index) + len(pipe.urbs) + len(pipe.pending)
+            if queued >= self.depth:
+                return
+            size = pipe.sizer.next_read(queued)
+            if size is None or not ffs.read(index, size, lambda data, status, p=pipe: self._read_done(p, data,
+                                                                                                     status)):
+                return
+
+    def _read_done(self, pipe: _Pipe, data: bytes | None, status: int) -> None:
+        if data is None or status < 0:
+            if status != -ESHUTDOWN:
+                log.debug("OUT %#04x: gadget read ended with %d", pipe.ep.address, status)
+            return
+        if not self.active:
+            return
+        pipe.sizer.out_done(data)
+        pipe.pending.append(data)
+        self._pump_out(pipe)
+        for other in self._pipes.values():  # a CBW plans the IN side of its interface
+            if other.ep.is_in and other.ep.interface == pipe.ep.interface:
+                self._pump_in(other)
+
+    def _report(self) -> None:
+        lines = report_lines(self.layout, self._ffs)
+        if lines != self._reported:
+            for line in lines:
+                log.info("%s", line)
+            self._reported = lines
+
+
+# --- putting it together ---------------------------------------------------------------------------------------
+
+
+class Bridge:
+    """Import `busid` from `host` and present it on a UDC until closed (a context manager).
+
+    `wait()` returns when the bridge stops on its own (the remote went away: `failure` says why)."""
+
+    def __init__(self, host: str, busid: str, *, port: int = USBIP_PORT, udc: str | None = None,
+                 name: str | None = None, depth: int = 8) -> None:
+        self.host, self.busid, self.port = host, busid, port
+        self.requested_udc = udc
+        self.name = name or f"vusb-bridge-{busid.replace('.', '_').replace(':', '_')}"
+        self.depth = depth
+        self.remote = RemoteSide()
+        self.image: RemoteImage | None = None
+        self.layout: FfsLayout | None = None
+        self.handler: BridgeFunction | None = None
+        self.gadget: FunctionFsGadget | None = None
+        self._state_file: Path | None = None
+
+    @property
+    def failure(self) -> str | None:
+        return self.handler.failure if self.handler is not None else None
+
+    @property
+    def udc(self) -> str | None:
+        return self.gadget.udc if self.gadget is not None else None
+
+    def __enter__(self) -> Bridge:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        try:
+            image = self.remote.open(self.host, self.busid, self.port)
+        except HostError as exc:
+            raise BridgeError(f"cannot import {self.busid} from {self.host}:{self.port}: {exc}") from exc
+        except TimeoutError:
+            raise BridgeError(f"{self.host}:{self.port} did not let us import {self.busid} within 60 s") from None
+        self.image = image
+        try:
+            self.layout = ffs_layout(image.configuration, image.speed, image.strings)
+        except FunctionFsError as exc:
+            raise BridgeError(f"{self.busid} ({image.device.id_vendor:04x}:{image.device.id_product:04x}) "
+                              f"cannot be bridged: {exc}") from exc
+        for item in self.layout.dropped:
+            log.warning("not carried by FunctionFS: %s", item)
+        self.handler = BridgeFunction(self.remote, image, self.layout, depth=self.depth)
+        self.gadget = FunctionFsGadget(bridge_spec(image, self.name), self.layout, self.handler,
+                                       udc=self.requested_udc,
+                                       ffs_options={"in_depth": self.depth, "out_depth": self.depth})
+        self.gadget.start()
+        self._write_state()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert self.gadget is not None
+        return self.gadget.wait(timeout)
+
+    def close(self) -> None:
+        try:
+            if self.gadget is not None:
+                self.gadget.close()
+        finally:
+            self.remote.close()
+            if self._state_file is not None:
+                with contextlib.suppress(OSError):
+                    self._state_file.unlink()
+
+    def _write_state(self) -> None:
+        """/run/vusb/bridges/NAME.json, for `vusb port` and `vusb detach`."""
+        BRIDGES_DIR.mkdir(parents=True, exist_ok=True)
+        path = BRIDGES_DIR / f"{self.name}.json"
+        d = self.image.device if self.image else None
+        path.write_text(json.dumps({
+            "name": self.name, "pid": os.getpid(), "host": self.host, "port": self.port, "busid": self.busid,
+            "udc": self.udc, "id": f"{d.id_vendor:04x}:{d.id_product:04x}" if d else "",
+        }))
+        self._state_file = path
+
+
+def running_bridges() -> list[dict[str, Any]]:
+    """Bridges whose process is still alive, from their state files."""
+    found = []
+    for path in sorted(BRIDGES_DIR.glob("*.json")) if BRIDGES_DIR.is_dir() else []:
+        try:
+            state = json.loads(path.read_text())
+            os.kill(int(state["pid"]), 0)
+        except (OSError, ValueError, KeyError):
+            continue
+        found.append(state)
+    return found
