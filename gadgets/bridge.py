@@ -170,7 +170,7 @@ class RemoteSide:
         self._thread = threading.Thread(target=self.loop.run_forever, name="bridge-remote", daemon=True)
         self._thread.start()
         self.remote: RemoteDevice | None = None
-        self._tokens: set[int] = set()
+        self._watcher: asyncio.Task[None] | None = None
 
     def run(self, coro: Any, timeout: float | None) -> Any:
         """Run a coroutine on the remote loop and wait for it from another thread."""
@@ -243,6 +243,23 @@ class RemoteSide:
             return Reply(data=answer)
         return Reply(actual_length=answer)
 
+    def watch(self, on_lost: Callable[[str], None], interval: float = 0.5) -> None:
+        """Call `on_lost(reason)` (on the remote loop) once the connection to the remote is gone, even when
+        no URB is pending to fail with it (a deconfigured bridge has none)."""
+        remote = self.remote
+        if remote is None:
+            return
+
+        async def go() -> None:
+            while not remote.closed:
+                await asyncio.sleep(interval)
+            on_lost(f"the USB/IP connection to {remote.host}:{remote.port} closed")
+
+        def start() -> None:
+            self._watcher = self.loop.create_task(go())
+
+        self.loop.call_soon_threadsafe(start)
+
     def background(self, coro: Any, done: Callable[[BaseException | None], None]) -> None:
         """Run `coro` on the remote loop without waiting; `done(error)` on the remote loop after."""
 
@@ -257,6 +274,14 @@ class RemoteSide:
         self.loop.call_soon_threadsafe(lambda: self.loop.create_task(go()))
 
     def close(self) -> None:
+        async def stop_watching() -> None:
+            if self._watcher is not None:
+                self._watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watcher
+
+        with contextlib.suppress(Exception):
+            self.run(stop_watching(), 10)
         if self.remote is not None:
             with contextlib.suppress(Exception):
                 self.run(self.remote.close(), 10)
@@ -301,6 +326,7 @@ class BridgeFunction:
     def attach(self, ffs: FunctionFs) -> None:
         self.ffs = ffs
         self._build_pipes(self.image.speed)
+        self.remote.watch(lambda why: ffs.call_soon(lambda: self._fail(f"the remote device went away: {why}")))
 
     def _build_pipes(self, speed: Speed) -> None:
         speed = Speed.FULL if speed is Speed.LOW else min(speed, Speed.SUPER)

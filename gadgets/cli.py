@@ -266,7 +266,7 @@ def port_command() -> None:
             for match in re.finditer(r"Port (\d+): <Port in Use>.*?\((\w{4}:\w{4})\).*?usbip://(\S+)", text, re.S):
                 number, ids, url = match.groups()
                 table.add_row("vhci", number, url, ids, "vhci_hcd")
-    console.print(table if table.row_count else "no imported devices")
+    Console().print(table if table.row_count else "no imported devices")  # a listing: stdout
 
 
 @click.command("detach")

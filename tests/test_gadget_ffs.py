@@ -6,8 +6,6 @@ real thing)."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -52,6 +50,7 @@ from gadgets.ffs import (
     strings_blob,
 )
 from gadgets.model import ModelFunction, gadget_spec_for
+from tests.gadget_fakes import FakeFfs
 
 # --- what f_fs accepts -----------------------------------------------------------------------------------------
 
@@ -282,52 +281,6 @@ def test_gadget_spec_takes_the_models_identity_speed_and_power():
 
 
 # --- the model adapter through a fake FunctionFS ------------------------------------------------------------------
-
-
-@dataclass
-class FakeFfs:
-    """Stands in for gadgets.ffs.FunctionFs: records what the handler queues and lets the test complete it."""
-
-    speed: Speed | None = Speed.HIGH
-    writes: dict[int, list[tuple[bytes, Callable[[int], None]]]] = field(default_factory=dict)
-    reads: dict[int, list[tuple[int, Callable[[bytes | None, int], None]]]] = field(default_factory=dict)
-    halts: list[int] = field(default_factory=list)
-    wakes: int = 0
-    host_addresses: dict[int, int] = field(default_factory=dict)
-    host_interfaces: dict[int, int] = field(default_factory=dict)
-    handler: ModelFunction | None = None
-
-    def write(self, index, data, callback):
-        self.writes.setdefault(index, []).append((bytes(data), callback))
-        return True
-
-    def read(self, index, size, callback):
-        self.reads.setdefault(index, []).append((size, callback))
-        return True
-
-    def in_flight(self, index):
-        return len(self.writes.get(index, [])) + len(self.reads.get(index, []))
-
-    def halt(self, index):
-        self.halts.append(index)
-        return True
-
-    def wake(self):
-        self.wakes += 1
-
-    # test side
-    def complete_write(self, index, status=None):
-        data, callback = self.writes[index].pop(0)
-        callback(len(data) if status is None else status)
-        self.handler.pump()  # as FunctionFs.serve does after every completion
-        return data
-
-    def deliver(self, index, data):
-        size, callback = self.reads[index].pop(0)
-        assert len(data) <= size
-        callback(bytes(data), len(data))
-        self.handler.pump()
-        return size
 
 
 def _cbw(tag: int, length: int, cdb: bytes, data_in: bool = True) -> bytes:
