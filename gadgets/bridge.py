@@ -155,6 +155,7 @@ class _Token:
     """One URB as the FunctionFS side knows it; `urb` is filled in on the asyncio thread."""
 
     endpoint: int
+    length: int = 0  # what an IN URB asked for
     urb: Any = None
     result: UrbResult | None = None
     error: BaseException | None = None
@@ -451,7 +452,7 @@ class BridgeFunction:
                 pipe.sizer.reset()
 
     def _submit(self, pipe: _Pipe, data_or_length: bytes | int) -> None:
-        token = _Token(pipe.ep.address)
+        token = _Token(pipe.ep.address, data_or_length if isinstance(data_or_length, int) else 0)
         pipe.urbs.append(token)
         ffs = self._ffs
         self.remote.submit(token, data_or_length, lambda t: ffs.call_soon(lambda: self._urb_done(pipe, t)))
@@ -477,7 +478,10 @@ class BridgeFunction:
         if result.unlinked or token.cancelled:
             return
         if result.status == -EPIPE:
-            self._remote_halted(pipe)
+            if pipe.ep.is_in:
+                pipe.sizer.in_stalled(token.length)
+            if not (pipe.halt_pending or pipe.clearing):  # URBs queued behind a stalled one fail too
+                self._remote_halted(pipe)
             return
         if result.status not in (0, -75):  # -EOVERFLOW: forward what came
             log.warning("URB on %#04x ended with status %d", pipe.ep.address, result.status)

@@ -45,6 +45,9 @@ class TransferSizer(Protocol):
     def in_done(self, data: bytes) -> None:
         """An IN transfer completed with `data`."""
 
+    def in_stalled(self, size: int) -> None:
+        """An IN transfer of `size` ended with a STALL: it has to be asked for again once the halt is gone."""
+
     def reset(self) -> None:
         """The host reset the function (bus reset, new configuration, class reset request)."""
 
@@ -69,6 +72,9 @@ class PacketSizer:
         pass
 
     def in_done(self, data: bytes) -> None:
+        pass
+
+    def in_stalled(self, size: int) -> None:
         pass
 
     def reset(self) -> None:
@@ -108,6 +114,7 @@ class BulkOnlySizer:
         self._out_left = 0  # data-out bytes not yet received
         self._out_unplanned = 0  # data-out bytes no read has been queued for yet
         self._in_plan: list[int] = []  # IN transfers still to issue
+        self._in_retry: list[int] = []  # IN transfers a STALL ended, to issue again first
 
     def _round(self, n: int) -> int:
         return -(-n // self.max_packet) * self.max_packet
@@ -151,12 +158,20 @@ class BulkOnlySizer:
     # IN
 
     def next_in(self, queued: int) -> int | None:
-        if queued >= self.depth or not self._in_plan:
+        if queued >= self.depth:
+            return None
+        if self._in_retry:
+            return self._in_retry.pop(0)
+        if not self._in_plan:
             return None
         if queued and self._in_plan[0] == US_BULK_CS_WRAP_LEN and len(self._in_plan) == 1 \
                 and self.phase is not BotPhase.DATA_OUT:
             return None  # the CSW after the data-in has ended: a stall there would take the CSW URB with it
         return self._in_plan.pop(0)
+
+    def in_stalled(self, size: int) -> None:
+        """BOT §6.7.2: after a STALL the host clears the halt and reads the CSW anyway: ask again."""
+        self._in_retry.append(size)
 
     def in_done(self, data: bytes) -> None:
         if len(data) == US_BULK_CS_WRAP_LEN and data[:4] == b"USBS":

@@ -166,3 +166,20 @@ def test_unreachable_server_is_a_clear_bridge_error():
     with pytest.raises(BridgeError, match=r"cannot import 1-1 from 127\.0\.0\.1:1"):
         bridge.start()
     bridge.close()
+
+
+def test_remote_stall_on_data_in_halts_the_gadget_endpoint_once_and_the_csw_still_follows(tmp_path, remote_side):
+    image_file = tmp_path / "disk.img"
+    image_file.write_bytes(bytes(1 << 20))
+    with ServerThread([mass_storage_device(str(image_file))]) as server:
+        handler, fake, _ = _bridged(remote_side, server.port)
+        out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
+        bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
+        fake.deliver(out, _cbw(4, 512, bytes((0x25,) + (0,) * 9)))  # READ CAPACITY(10), host allows 512 (case 5)
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 1)
+        assert len(fake.complete_write(bulk_in)) == 8  # the data the remote sent before its STALL
+        fake.run_until(lambda: bulk_in in fake.halts)
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 1)  # remote halt cleared, CSW fetched
+        csw = fake.complete_write(bulk_in)
+        assert struct.unpack_from("<IIB", csw, 4) == (4, 504, 0)
+        assert fake.halts.count(bulk_in) == 1

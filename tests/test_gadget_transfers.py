@@ -94,3 +94,13 @@ def test_bot_data_out_reads_cover_the_transfer_and_are_whole_packets(length, pac
     sizes = drain_reads(sizer)
     assert all(s % packet == 0 for s in sizes)
     assert sum(sizes) - length < packet <= sum(sizes) - length + packet
+
+
+def test_bot_sizer_asks_again_for_an_in_transfer_a_stall_ended():
+    sizer = BulkOnlySizer(512)
+    sizer.out_done(cbw(512, data_in=True))
+    assert sizer.next_in(0) == 512
+    sizer.in_done(bytes(8))  # short data-in: the device then stalls the CSW read
+    assert sizer.next_in(0) == 13
+    sizer.in_stalled(13)
+    assert sizer.next_in(0) == 13 and sizer.next_in(0) is None
