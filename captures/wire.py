@@ -93,9 +93,6 @@ _MAC_SERVER = b"\x02\0\0\0\0\x01"
 _MAC_CLIENT = b"\x02\0\0\0\0\x02"
 _ETH_IPV4 = b"\x08\x00"
 _ETH_IPV6 = b"\x86\xdd"
-_IPV4 = struct.Struct(">BBHHHBBH4s4s")
-_IPV6 = struct.Struct(">IHBB16s16s")
-_TCP = struct.Struct(">HHIIBBHHH")
 _HALFWORDS = struct.Struct(">10H")
 
 
@@ -120,6 +117,8 @@ class TcpFrames:
     `headers(to_server, n)` is the Ethernet + IP + TCP header of a segment carrying the next `n` bytes in that
     direction, acknowledging everything the other side sent; `advance` moves the sequence number on once the
     segment is out. IPv4 when both ends are IPv4 (an IPv4-mapped IPv6 address counts as IPv4), else IPv6.
+    The common case (no TCP options) is one `struct.pack` over precomputed constants: the recorder calls it
+    for every segment of a live session.
     """
 
     def __init__(
@@ -140,48 +139,51 @@ class TcpFrames:
         self.seq = {True: client_isn, False: server_isn}  # keyed by "to server"
         self.ip_id = 0
         self.window = window
+        self._prefix: dict[bool, bytes] = {}
+        self._route: dict[bool, bytes] = {}  # addresses then ports, as the IP and TCP headers carry them
+        for to_server in (True, False):
+            src, dst = (self.client, self.server) if to_server else (self.server, self.client)
+            macs = _MAC_SERVER + _MAC_CLIENT if to_server else _MAC_CLIENT + _MAC_SERVER
+            self._prefix[to_server] = macs + (_ETH_IPV6 + b"\x60\0\0\0" if self.ipv6 else _ETH_IPV4 + b"\x45\0")
+            self._route[to_server] = src[0] + dst[0] + struct.pack(">HH", src[1], dst[1])
+        # every IPv4 header halfword but total length, identification and checksum (the same both ways)
+        self._sum = 0 if self.ipv6 else 0x4500 + 0x4000 + 0x4006 + sum(struct.unpack(">4H", a.packed + b.packed))
 
     def headers(
-        self,
-        to_server: bool,
-        length: int,
-        flags: int = TCP_PSH | TCP_ACK,
-        seq: int | None = None,
-        ack: int | None = None,
-        tcp_options: bytes = b"",
+        self, to_server: bool, length: int, flags: int = TCP_PSH | TCP_ACK, seq: int | None = None,
+        ack: int | None = None, tcp_options: bytes = b"",
     ) -> bytes:
         """The 54-byte (IPv4) or 74-byte (IPv6) header in front of `length` payload bytes (more with options,
         which must be padded to 32 bits). The acknowledgment number defaults to everything the other side
         sent, or 0 when the ACK flag is off."""
-        src, dst = (self.client, self.server) if to_server else (self.server, self.client)
         own = self.seq[to_server] if seq is None else seq
         if ack is None:
             ack = self.seq[not to_server] if flags & TCP_ACK else 0
-        tcp = (
-            _TCP.pack(
-                src[1],
-                dst[1],
-                own & 0xFFFFFFFF,
-                ack & 0xFFFFFFFF,
-                (5 + len(tcp_options) // 4) << 4,
-                flags,
-                self.window,
-                0,
-                0,
-            )
-            + tcp_options
-        )
-        macs = _MAC_SERVER + _MAC_CLIENT if to_server else _MAC_CLIENT + _MAC_SERVER
+        tcp_length = 20 + len(tcp_options)
         if self.ipv6:
-            ip = _IPV6.pack(6 << 28, len(tcp) + length, 6, 64, src[0], dst[0])
-            return macs + _ETH_IPV6 + ip + tcp
-        self.ip_id = (self.ip_id + 1) & 0xFFFF
-        ip = _IPV4.pack(0x45, 0, 20 + len(tcp) + length, self.ip_id, 0x4000, 64, 6, 0, src[0], dst[0])
-        ip = ip[:10] + struct.pack(">H", ipv4_checksum(ip)) + ip[12:]
-        return macs + _ETH_IPV4 + ip + tcp
+            return _V6.pack(
+                self._prefix[to_server], tcp_length + length, b"\x06\x40", self._route[to_server],
+                own & 0xFFFFFFFF, ack & 0xFFFFFFFF, tcp_length << 2, flags, self.window,
+            ) + tcp_options
+        self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
+        total = 20 + tcp_length + length
+        folded = self._sum + total + ip_id
+        folded = (folded & 0xFFFF) + (folded >> 16)
+        folded = (folded & 0xFFFF) + (folded >> 16)
+        return _V4.pack(
+            self._prefix[to_server], total, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, self._route[to_server],
+            own & 0xFFFFFFFF, ack & 0xFFFFFFFF, tcp_length << 2, flags, self.window,
+        ) + tcp_options
 
     def advance(self, to_server: bool, length: int) -> None:
         self.seq[to_server] += length
+
+
+# Ethernet + IPv4 version/IHL and TOS (16 bytes), total length, identification, DF + TTL 64 + TCP, checksum; or
+# Ethernet + IPv6 version/class/flow (18 bytes), payload length, next header TCP + hop limit 64; then addresses
+# and ports, seq, ack, data offset, flags, window, checksum 0, urgent pointer 0.
+_V4 = struct.Struct(">16sHH4sH12sIIBBH4x")
+_V6 = struct.Struct(">18sH2s36sIIBBH4x")
 
 
 __all__ = [

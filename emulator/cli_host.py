@@ -3,7 +3,8 @@
 process, a round trip of a file-system image through an emulated thumb drive).
 
 Everything here runs on the userspace host (`emulator.host`, `emulator.msc_host`): no kernel module, no
-root. Files are never left half-written: a dump goes to a temporary file next to the output and is renamed
+root. `--record FILE.pcapng` records the session on the importing side (`captures.record`). Files are never
+left half-written: a dump goes to a temporary file next to the output and is renamed
 only once complete (and verified, with --verify); on failure the temporary file is deleted and the error
 says so.
 """
@@ -19,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,38 @@ remote_option = click.option("-r", "--remote", "host", required=True, metavar="H
 port_option = click.option("-p", "--port", default=USBIP_PORT, show_default=True, type=click.IntRange(1, 65535),
                            help="The server's TCP port.")
 busid_option = click.option("-b", "--busid", required=True, metavar="BUSID", help="The device's bus id (e.g. 1-1).")
+record_option = click.option("--record", type=click.Path(path_type=Path), default=None,
+                              metavar="FILE.pcapng", help="Record the USB/IP session to this pcapng file "
+                              "(open it with: wireshark -d tcp.port==3240,usbip FILE).")
 timeout_option = click.option("--timeout", default=CONNECT_TIMEOUT, show_default=True, type=click.FloatRange(0.1),
                               help="Seconds to wait for the server to connect and answer.")
+
+
+@contextlib.contextmanager
+def _recording(path: Path | None, *, mode: str, address: str, busids: tuple[str, ...] = (),
+               devices: tuple[Any, ...] = ()) -> Iterator[Any]:
+    """A `captures.record.PcapngRecorder` for `--record` (None without it), closed and summed up at the end.
+    Created before anything connects, so a path that cannot be written is one clear error up front."""
+    if path is None:
+        yield None
+        return
+    from captures.record import PcapngRecorder, RecordedDevice
+
+    recorder = PcapngRecorder(path, mode=mode, address=address,
+                              devices=devices or tuple(RecordedDevice(b) for b in busids))
+    try:
+        yield recorder
+    finally:
+        recorder.close()
+        Console(stderr=True, highlight=False).print(recorder.summary())
+
+
+def _note_import(recorder: Any, device: RemoteDevice, detail: str | None = None) -> None:
+    """Name the imported device in the recording (OP_REP_IMPORT carries only its busid and VID:PID)."""
+    if recorder is not None:
+        d = device.device_descriptor
+        recorder.annotate(f"imported {device.busid}: {d.id_vendor:04x}:{d.id_product:04x}"
+                          + (f" {detail}" if detail else "") + f" from {device.host}:{device.port}")
 
 
 # -- vusb list ---------------------------------------------------------------------------------------------
@@ -221,15 +252,20 @@ def describe(device: RemoteDevice, strings: dict[int, str]) -> Tree:
 @busid_option
 @port_option
 @timeout_option
-def info_command(host: str, busid: str, port: int, timeout: float) -> None:
+@record_option
+def info_command(host: str, busid: str, port: int, timeout: float, record: Path | None) -> None:
     """Import a device and show its descriptors, read from the device itself, like `lsusb -v`."""
 
-    async def run() -> tuple[Tree, int]:
-        async with await import_device(host, busid, port, timeout=timeout) as device:
+    async def run(recorder: Any) -> tuple[Tree, int]:
+        tap = recorder.tap if recorder is not None else None
+        async with await import_device(host, busid, port, timeout=timeout, tap=tap) as device:
             strings = await _strings(device)
+            product = strings.get(device.device_descriptor.i_product)
+            _note_import(recorder, device, f"“{product}”" if product else None)
             return describe(device, strings), len(device.raw_configurations)
 
-    tree, _ = asyncio.run(run())
+    with _recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
+        tree, _ = asyncio.run(run(recorder))
     _console().print(tree)
 
 
@@ -243,9 +279,12 @@ def _progress(console: Console) -> Progress:
 
 @contextlib.asynccontextmanager
 async def _open_disk(host: str, busid: str, port: int, timeout: float, lun: int, max_transfer: int,
-                     urbs: int) -> AsyncIterator[MassStorage]:
-    async with await import_device(host, busid, port, timeout=timeout) as device:
-        yield await MassStorage(device, lun=lun, max_transfer=max_transfer, urbs_per_command=urbs).open()
+                     urbs: int, recorder: Any = None) -> AsyncIterator[MassStorage]:
+    tap = recorder.tap if recorder is not None else None
+    async with await import_device(host, busid, port, timeout=timeout, tap=tap) as device:
+        msc = await MassStorage(device, lun=lun, max_transfer=max_transfer, urbs_per_command=urbs).open()
+        _note_import(recorder, device, f"(SCSI INQUIRY “{msc.inquiry_data}”)")
+        yield msc
 
 
 def _show_disk(console: Console, msc: MassStorage) -> None:
@@ -312,6 +351,7 @@ disk_options = [
     click.option("--urbs", default=1, show_default=True, type=click.IntRange(1, 64),
                  help="Data URBs per command, submitted together."),
     click.option("--verify", is_flag=True, help="Read back and compare sha256."),
+    record_option,
 ]
 
 
@@ -331,12 +371,19 @@ def disk_group() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The file to write the disk image to.")
 def dump_command(host: str, busid: str, port: int, timeout: float, lun: int, max_transfer: int, urbs: int,
-                 verify: bool, output: Path) -> None:
+                 verify: bool, record: Path | None, output: Path) -> None:
     """Copy a whole remote disk into a file."""
     console = _console()
     directory = output.resolve().parent
     if not directory.is_dir():
         raise click.BadParameter(f"{directory} is not a directory", param_hint="--output")
+    with _recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
+        _dump(console, host, busid, port, timeout, lun, max_transfer, urbs, verify, output, directory, recorder)
+
+
+def _dump(console: Console, host: str, busid: str, port: int, timeout: float, lun: int, max_transfer: int,
+          urbs: int, verify: bool, output: Path, directory: Path, recorder: Any) -> None:
+    """The body of `vusb disk dump`, inside its recording (if any)."""
     try:
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below; renamed or deleted by hand
             dir=directory, prefix=f".{output.name}.", suffix=".partial", delete=False)
@@ -345,7 +392,7 @@ def dump_command(host: str, busid: str, port: int, timeout: float, lun: int, max
     temp = Path(handle.name)
 
     async def run() -> None:
-        async with _open_disk(host, busid, port, timeout, lun, max_transfer, urbs) as msc:
+        async with _open_disk(host, busid, port, timeout, lun, max_transfer, urbs, recorder) as msc:
             _show_disk(console, msc)
             assert msc.capacity is not None
             size = msc.capacity.size
@@ -381,13 +428,13 @@ def dump_command(host: str, busid: str, port: int, timeout: float, lun: int, max
 @click.option("-i", "--input", "input_", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The image file to write.")
 def write_command(host: str, busid: str, port: int, timeout: float, lun: int, max_transfer: int, urbs: int,
-                  verify: bool, input_: Path) -> None:
+                  verify: bool, record: Path | None, input_: Path) -> None:
     """Write a file to the start of a remote disk (like dd), then SYNCHRONIZE CACHE."""
     console = _console()
     size = input_.stat().st_size
 
-    async def run() -> None:
-        async with _open_disk(host, busid, port, timeout, lun, max_transfer, urbs) as msc:
+    async def run(recorder: Any) -> None:
+        async with _open_disk(host, busid, port, timeout, lun, max_transfer, urbs, recorder) as msc:
             _show_disk(console, msc)
             assert msc.capacity is not None
             if size > msc.capacity.size:
@@ -401,7 +448,8 @@ def write_command(host: str, busid: str, port: int, timeout: float, lun: int, ma
                         raise HostError(f"verification failed: wrote sha256 {digest}, read back {back}")
                     console.print(f"verified: read back {_rate(size, seconds)}, sha256 matches")
 
-    asyncio.run(run())
+    with _recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
+        asyncio.run(run(recorder))
 
 
 def _sha256_file(path: Path) -> str:
@@ -459,7 +507,8 @@ def build_demo_image(directory: Path, size: int) -> tuple[Path, str]:
               help="Size of the emulated thumb drive in MiB.")
 @click.option("--urbs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Data URBs per SCSI command.")
-def demo_command(size: int, urbs: int) -> None:
+@record_option
+def demo_command(size: int, urbs: int, record: Path | None) -> None:
     """Serve an emulated thumb drive on 127.0.0.1, import it with the userspace host, write a file-system
     image through it, read it back and check sha256. Leaves nothing behind."""
     from emulator.devices.mass_storage import mass_storage_device
@@ -477,8 +526,9 @@ def demo_command(size: int, urbs: int) -> None:
         disk = create_sparse_image(directory / "thumbdrive.img", disk_size)
         device = mass_storage_device(str(disk), product="Demo Thumb Drive")
 
-        async def run() -> None:
-            async with UsbipServer([device], host="127.0.0.1", port=0) as server:
+        async def run(recorder: Any) -> None:
+            tap = recorder.tap if recorder is not None else None
+            async with UsbipServer([device], host="127.0.0.1", port=0, tap=tap) as server:
                 console.print(f"[bold]server:[/] vusb USB/IP server on 127.0.0.1:{server.port}, exporting an "
                               f"emulated thumb drive ({disk_size / _MIB:.0f} MiB sparse image)")
                 for extra in await list_devices("127.0.0.1", server.port):
@@ -505,7 +555,13 @@ def demo_command(size: int, urbs: int) -> None:
                     if wrote != back:
                         raise HostError("the image read back differs from the one written (sha256 mismatch)")
 
-        asyncio.run(run())
+        devices: tuple[Any, ...] = ()
+        if record is not None:
+            from captures.record import exported_devices
+
+            devices = tuple(exported_devices([device], [f"demo drive, {disk_size / _MIB:.0f} MiB sparse image"]))
+        with _recording(record, mode="server", address="127.0.0.1 (a free port)", devices=devices) as recorder:
+            asyncio.run(run(recorder))
         mdir = shutil.which("mdir")
         if mdir and how.startswith("a FAT"):
             listing = subprocess.run([mdir, "-i", str(readback), "::/"], capture_output=True, text=True,

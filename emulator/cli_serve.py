@@ -111,6 +111,13 @@ async def serve(server: UsbipServer) -> None:
 @click.option("--hid-keyboard", is_flag=True, help="Export a HID boot keyboard.")
 @click.option("--hid-mouse", is_flag=True, help="Export a HID boot mouse.")
 @click.option("--serial", is_flag=True, help="Export a CDC-ACM serial port (loopback).")
+@click.option(
+    "--record",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE.pcapng",
+    help="Record every USB/IP session to this pcapng file (Wireshark: -d tcp.port==3240,usbip).",
+)
 def serve_command(
     host: str,
     port: int,
@@ -123,6 +130,7 @@ def serve_command(
     hid_keyboard: bool,
     hid_mouse: bool,
     serial: bool,
+    record: Path | None,
 ) -> None:
     """Export emulated USB devices over USB/IP (Linux `usbip attach -r HOST -b 1-1` imports them)."""
     if read_only and overlay:
@@ -140,7 +148,23 @@ def serve_command(
     )
     if not devices:
         raise click.UsageError("nothing to export: give --disk PATH, --hid-keyboard, --hid-mouse or --serial")
-    server = UsbipServer([d for d, _ in devices], host=host, port=port)
+    recorder = None
+    if record is not None:
+        from captures.record import PcapngRecorder, exported_devices
+
+        try:
+            recorder = PcapngRecorder(
+                record,
+                mode="server",
+                address=f"{host}:{port}",
+                devices=exported_devices([d for d, _ in devices], [text for _, text in devices]),
+            )
+        except VusbError:
+            for dev, _ in devices:
+                with contextlib.suppress(Exception):
+                    dev.close()
+            raise
+    server = UsbipServer([d for d, _ in devices], host=host, port=port, tap=recorder.tap if recorder else None)
     table = Table(title="vusb exports", show_lines=False)
     table.add_column("busid")
     table.add_column("id")
@@ -149,6 +173,8 @@ def serve_command(
         d = export.device.device_descriptor
         table.add_row(busid, f"{d.id_vendor:04x}:{d.id_product:04x}", text)
     console.print(table)
+    if recorder is not None:
+        console.print(f"recording every session to {record}")
     try:
         asyncio.run(serve(server))
     except VusbError:
@@ -157,3 +183,6 @@ def serve_command(
         for dev, _ in devices:
             with contextlib.suppress(Exception):
                 dev.close()
+        if recorder is not None:
+            recorder.close()
+            console.print(recorder.summary(), highlight=False)
