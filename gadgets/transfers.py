@@ -164,9 +164,8 @@ class BulkOnlySizer:
             return self._in_retry.pop(0)
         if not self._in_plan:
             return None
-        if queued and self._in_plan[0] == US_BULK_CS_WRAP_LEN and len(self._in_plan) == 1 \
-                and self.phase is not BotPhase.DATA_OUT:
-            return None  # the CSW after the data-in has ended: a stall there would take the CSW URB with it
+        # The CSW is asked for right behind the data-in: if the device stalls the data-in, the CSW transfer
+        # fails too and comes back through in_stalled(), to be asked for again once the halt is cleared.
         return self._in_plan.pop(0)
 
     def in_stalled(self, size: int) -> None:
