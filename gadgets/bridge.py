@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -182,7 +183,8 @@ class RemoteSide:
             self.remote = await import_device(host, busid, port)
             return await describe_remote(self.remote, host, port)
 
-        return self.run(go(), 60)
+        image: RemoteImage = self.run(go(), 60)
+        return image
 
     def submit(self, token: _Token, data_or_length: bytes | int, done: Callable[[_Token], None]) -> None:
         """Submit one URB (from any thread); `done(token)` runs on the remote loop when it ends."""
@@ -491,7 +493,7 @@ class BridgeFunction:
         if pipe.ep.is_in:
             pipe.sizer.in_done(result.data)
             if self.active and not self._ffs.write(pipe.ep.index, result.data,
-                                                   lambda status, p=pipe: self._write_done(p, status)):
+                                                   functools.partial(self._write_done, pipe)):
                 log.debug("IN %#04x: %d bytes not queued on the gadget", pipe.ep.address, len(result.data))
 
     def _remote_halted(self, pipe: _Pipe) -> None:
@@ -554,8 +556,7 @@ class BridgeFunction:
             if queued >= self.depth:
                 return
             size = pipe.sizer.next_read(queued)
-            if size is None or not ffs.read(index, size, lambda data, status, p=pipe: self._read_done(p, data,
-                                                                                                     status)):
+            if size is None or not ffs.read(index, size, functools.partial(self._read_done, pipe)):
                 return
 
     def _read_done(self, pipe: _Pipe, data: bytes | None, status: int) -> None:

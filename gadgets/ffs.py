@@ -100,7 +100,7 @@ def ffs_rejects(raw: bytes, interface_class: int | None) -> str | None:
     if kind in (DescriptorType.DEVICE, DescriptorType.CONFIGURATION, DescriptorType.STRING,
                 DescriptorType.DEVICE_QUALIFIER):
         return "reserved for the gadget (libcomposite writes it)"
-    expected = {DescriptorType.INTERFACE: (9,), DescriptorType.ENDPOINT: (7, 9),
+    expected: dict[int, tuple[int, ...]] = {DescriptorType.INTERFACE: (9,), DescriptorType.ENDPOINT: (7, 9),
                 DescriptorType.INTERFACE_ASSOCIATION: (8,), DescriptorType.SS_ENDPOINT_COMPANION: (6,),
                 DescriptorType.OTG: (3,)}
     if kind in expected:
@@ -363,12 +363,12 @@ def ctypes_descriptor(raw: bytes) -> Any:
     classes, so it can size buffers and open files from them)."""
     ffs = _functionfs()
     ch9 = ffs.ch9
-    known = {(DescriptorType.INTERFACE, 9): ch9.USBInterfaceDescriptor,
+    known: dict[tuple[int, int], Any] = {(DescriptorType.INTERFACE, 9): ch9.USBInterfaceDescriptor,
              (DescriptorType.ENDPOINT, 7): ch9.USBEndpointDescriptorNoAudio,
              (DescriptorType.ENDPOINT, 9): ch9.USBEndpointDescriptor,
              (DescriptorType.SS_ENDPOINT_COMPANION, 6): ch9.USBSSEPCompDescriptor,
              (DescriptorType.INTERFACE_ASSOCIATION, 8): ch9.USBInterfaceAssocDescriptor}
-    klass = known.get((raw[1], len(raw)))
+    klass: Any = known.get((raw[1], len(raw)))
     if klass is None:
         klass = _RAW_CLASSES.get(len(raw))
         if klass is None:

@@ -19,6 +19,7 @@ clear the UDC's halt.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import deque
@@ -251,7 +252,7 @@ class ModelFunction:
             if reply.status not in (TransferStatus.OK, TransferStatus.OVERFLOW):
                 log.warning("IN %#04x: the model answered %s; sending what it gave", pipe.ep.address,
                             reply.status.name)
-            if not ffs.write(index, reply.data, lambda status, p=pipe: self._in_done(p, status)):
+            if not ffs.write(index, reply.data, functools.partial(self._in_done, pipe)):
                 return
 
     def _in_done(self, pipe: _InPipe, status: int) -> None:
@@ -267,7 +268,7 @@ class ModelFunction:
             size = out.sizer.next_read(ffs.in_flight(out.ep.index) + len(out.pending))
             if size is None:
                 return
-            if not ffs.read(out.ep.index, size, lambda data, status, o=out: self._out_done(o, data, status)):
+            if not ffs.read(out.ep.index, size, functools.partial(self._out_done, out)):
                 return
 
     def _out_done(self, out: _OutPipe, data: bytes | None, status: int) -> None:
