@@ -11,11 +11,12 @@ as the TCP conversation they were, in one pcapng interface of link type Ethernet
   when a connection opens, FIN/FIN/ACK when it closes, correct sequence and acknowledgment numbers between;
 * the real client and server addresses, but the server port always written as 3240 (the real one is in the
   connection's comment), so `-d tcp.port==3240,usbip` and `vusb dissect` decode every recording alike;
-* one TCP segment per USB/IP message (a message larger than 65495 bytes, an IPv4 datagram's worth, is split):
-  the recorder follows the message framing itself (header lengths, and the CMD_SUBMIT direction a RET_SUBMIT's
-  payload depends on), because tshark 4.0 mis-dissects some messages that share a segment (see
-  tests/test_captures_tshark.py). A stream it cannot follow (garbage from a peer) is recorded as the socket
-  chunks were, with a comment saying from where;
+* one TCP segment per USB/IP message the server sends (split at 65495 bytes, an IPv4 datagram's worth): the
+  recorder follows the message framing itself (header lengths, and the CMD_SUBMIT direction a RET_SUBMIT's
+  payload depends on), because tshark 4.0 mis-dissects RET_SUBMITs that share a segment (see
+  tests/test_captures_tshark.py). The client's segments are its socket writes (several CMD_SUBMITs in one
+  segment dissect fine, and fewer frames cost less). A stream the recorder cannot follow (garbage from a peer)
+  is recorded as the socket chunks were, with a comment saying from where;
 * metadata: `shb_userappl` "vusb <version>", comments naming the mode, the address and the devices, and comments
   on the frames where a connection opens, imports a device and closes.
 
@@ -133,15 +134,16 @@ def exported_devices(
 class _Stream:
     """One direction of one connection: where its USB/IP messages begin and end.
 
-    `cut(data)` returns the offsets in `data` where segments end — every message end, and the end of `data` —
-    each with the comment (if any) for the segment ending there.
+    `cut(data)` returns the offsets in `data` where segments end, each with the comment (if any) for the
+    segment ending there: the end of `data` always, and, in the server's direction (`split`), every message end.
     """
 
-    __slots__ = ("comment", "conn", "from_client", "head", "position", "raw", "remaining")
+    __slots__ = ("comment", "conn", "from_client", "head", "position", "raw", "remaining", "split")
 
     def __init__(self, conn: _Conn, from_client: bool) -> None:
         self.conn = conn
         self.from_client = from_client
+        self.split = not from_client
         self.remaining = 0  # bytes of the current message still to come; 0 at a message boundary
         self.head = bytearray()  # the start of a message whose length is not known yet
         self.raw = False  # lost the framing: segments follow the socket chunks
@@ -152,15 +154,35 @@ class _Stream:
         n = len(data)
         cuts: list[tuple[int, str | None]] = []
         pos = 0
+        unpack = _URB.unpack_from
+        directions = self.conn.directions
+        from_client = self.from_client
         while pos < n and not self.raw:
-            if self.remaining:
-                take = min(self.remaining, n - pos)
-                pos += take
-                self.remaining -= take
-                if not self.remaining:
+            remaining = self.remaining
+            if remaining:
+                if remaining > n - pos:
+                    self.remaining = remaining - (n - pos)
+                    break
+                pos += remaining
+                self.remaining = 0
+                if self.split:
                     cuts.append((pos, self.comment))
                     self.comment = None
                 continue
+            if not self.head and n - pos >= 48 and data[pos] == 0 and data[pos + 1] == 0:
+                # the hot path: a whole URB header, CMD_SUBMIT from the client or RET_SUBMIT from the server
+                command, seqnum, _devid, direction, _ep, _word, length, _start, packets = unpack(data, pos)
+                if packets == 0xFFFFFFFF:
+                    packets = 0
+                if 0 <= length <= _MAX_LENGTH and packets <= USBIP_MAX_ISO_PACKETS:
+                    if command == USBIP_CMD_SUBMIT and from_client and direction <= 1:
+                        directions[seqnum] = direction
+                        self.remaining = 48 + 16 * packets + (length if direction == 0 else 0)
+                        continue
+                    if command == USBIP_RET_SUBMIT and not from_client and seqnum in directions:
+                        is_in = directions.pop(seqnum)
+                        self.remaining = 48 + 16 * packets + (length if is_in else 0)
+                        continue
             head = self.head
             if head:
                 buf = bytes(head) + data[pos : pos + _HEAD_MAX]
@@ -326,7 +348,9 @@ class _EdgeTap:
 
 
 _OPEN, _DATA, _CLOSE, _NOTE, _STOP = range(5)
-_BATCH_DELAY = 0.001  # seconds the recorder thread lets tap calls gather: one GIL hand-over and writev per batch
+_BATCH_DELAY = (
+    0.001  # seconds the recorder thread lets tap calls gather: one GIL hand-over and writev per batch
+)
 
 
 class PcapngRecorder:
@@ -560,35 +584,30 @@ class PcapngRecorder:
                 ("10.0.0.1", USBIP_PORT),
                 "endpoints unknown (the edge did not report them)",
             )
-        epb = _EPB_HEAD.pack
-        hi, lo = stamp >> 32, stamp & 0xFFFFFFFF
-        tcp = conn.tcp
-        headers, seq = tcp.headers, tcp.seq
-        view = memoryview(data)
+        segments: list[tuple[int, int, str | None]] = []  # (start, length, comment)
         start = 0
-        frames = 0
         for end, comment in conn.streams[from_client].cut(data):
             if self._notes:
                 comment = "; ".join([*self._notes, *([comment] if comment else [])])
                 self._notes.clear()
             while start < end:
-                n = end - start
-                if n > wire.MAX_SEGMENT:
-                    n = wire.MAX_SEGMENT
-                header = headers(from_client, n)
-                caplen = len(header) + n
-                if comment:
-                    options = wire.options(((wire.OPT_COMMENT, wire.text(comment)),))
-                    comment = None
-                else:
-                    options = b""
-                length = 32 + caplen + (-caplen % 4) + len(options)
-                out.append(epb(wire.EPB_TYPE, length, 0, hi, lo, caplen, caplen) + header)
-                out.append(view[start : start + n])
-                out.append(_PAD[caplen % 4] + options + _U32.pack(length))
-                seq[from_client] += n
+                n = min(end - start, wire.MAX_SEGMENT)
+                segments.append((start, n, comment))
                 start += n
-                frames += 1
+                comment = None
+        epb = _EPB_HEAD.pack
+        u32 = _U32.pack
+        hi, lo = stamp >> 32, stamp & 0xFFFFFFFF
+        view = memoryview(data)
+        headers = conn.tcp.payload_headers(from_client, [n for _, n, _ in segments])
+        for (start, n, comment), header in zip(segments, headers, strict=True):
+            caplen = len(header) + n
+            options = wire.options(((wire.OPT_COMMENT, wire.text(comment)),)) if comment else b""
+            length = 32 + caplen + (-caplen % 4) + len(options)
+            out.append(epb(wire.EPB_TYPE, length, 0, hi, lo, caplen, caplen) + header)
+            out.append(view[start : start + n])
+            out.append(_PAD[caplen % 4] + options + u32(length))
+        frames = len(segments)
         self.frames += frames
 
     def _close_conn(self, out: list[Any], conn: _Conn, stamp: int, reason: str) -> None:

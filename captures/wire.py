@@ -178,6 +178,34 @@ class TcpFrames:
     def advance(self, to_server: bool, length: int) -> None:
         self.seq[to_server] += length
 
+    def payload_headers(self, to_server: bool, lengths: list[int]) -> list[bytes]:
+        """The headers (PSH|ACK, no options) of consecutive segments carrying `lengths` bytes, sequence number
+        advanced past them: what `headers` + `advance` give one by one, in one call (the recorder's hot path)."""
+        if self.ipv6:
+            out = []
+            for length in lengths:
+                out.append(self.headers(to_server, length))
+                self.seq[to_server] += length
+            return out
+        pack = _V4.pack
+        prefix, route, base, window = self._prefix[to_server], self._route[to_server], self._sum, self.window
+        own = self.seq[to_server]
+        ack = self.seq[not to_server] & 0xFFFFFFFF
+        ip_id = self.ip_id
+        out = []
+        for length in lengths:
+            ip_id = (ip_id + 1) & 0xFFFF
+            total = 40 + length
+            folded = base + total + ip_id
+            folded = (folded & 0xFFFF) + (folded >> 16)
+            folded = (folded & 0xFFFF) + (folded >> 16)
+            out.append(pack(prefix, total, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, route, own & 0xFFFFFFFF,
+                            ack, 0x50, TCP_PSH | TCP_ACK, window))
+            own += length
+        self.ip_id = ip_id
+        self.seq[to_server] = own
+        return out
+
 
 # Ethernet + IPv4 version/IHL and TOS (16 bytes), total length, identification, DF + TTL 64 + TCP, checksum; or
 # Ethernet + IPv6 version/class/flow (18 bytes), payload length, next header TCP + hop limit 64; then addresses

@@ -491,7 +491,7 @@ def _synthetic_session() -> list[tuple[bool, bytes]]:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_any_split_of_the_socket_data_gives_one_segment_per_message_and_the_same_streams(
+def test_any_split_of_the_socket_data_gives_each_server_message_its_own_segments_and_the_same_streams(
     tmp_path: Path, data: st.DataObject
 ) -> None:
     messages = _synthetic_session()
@@ -520,17 +520,25 @@ def test_any_split_of_the_socket_data_gives_one_segment_per_message_and_the_same
     segments = tcp_segments(path)
     for direction in (True, False):
         assert b"".join(p for d, p in segments if d == direction) == b"".join(m for d, m in messages if d == direction)
-    # every message ends a segment: its bytes never share a segment with the next message's
-    ends = {True: set(), False: set()}
+    # every message from the server ends a segment: its bytes never share a segment with the next message's;
+    # the client's segments end where its socket writes did (or at 65495 bytes)
+    ends: dict[bool, set[int]] = {True: set(), False: set()}
     offset = {True: 0, False: 0}
     for direction, message in messages:
         offset[direction] += len(message)
         ends[direction].add(offset[direction])
+    writes: set[int] = set()
+    sent = 0
+    for direction, chunk in calls:
+        if direction:
+            sent += len(chunk)
+            writes.add(sent)
     position = {True: 0, False: 0}
     for direction, payload in segments:
         assert len(payload) <= 65495
         start, position[direction] = position[direction], position[direction] + len(payload)
-        assert not any(start < end < position[direction] for end in ends[direction])
+        assert not any(start < end < position[direction] for end in ends[direction] if not direction)
+        assert not direction or position[direction] in writes or len(payload) == 65495
     analysis = analyze(path)
     assert [t.actual_length for t in analysis.transactions if t.kind == "submit"].count(122880) == 3
     assert all(t.complete for t in analysis.transactions)
