@@ -618,3 +618,32 @@ def test_demo_records_only_when_asked_and_then_holds_its_devlist_and_its_disk_ro
     assert all(c.csw_status == 0 for c in analysis.scsi_commands)
     if TSHARK is not None:
         assert tshark_problems(path) == ""
+
+
+@needs_tshark
+def test_unlinked_urb_is_recorded_and_the_stream_stays_in_step_after_it(tmp_path: Path) -> None:
+    """A keyboard with no key pressed NAKs its interrupt IN: the host's URB times out and is unlinked
+    (CMD_UNLINK / RET_UNLINK, no RET_SUBMIT); the recorder's framing must carry on past it."""
+    from emulator.devices.hid import hid_keyboard_device
+    from emulator.host import TransferTimeout
+
+    path = tmp_path / "unlink.pcapng"
+    streams = Streams()
+    with PcapngRecorder(path, mode="server", address="127.0.0.1:0") as recorder:
+
+        async def main() -> bytes:
+            async with UsbipServer([hid_keyboard_device()], port=0, tap=recorder.tap) as server, \
+                    await import_device("127.0.0.1", "1-1", server.port, tap=streams) as device:
+                await device.set_configuration(1)
+                with pytest.raises(TransferTimeout):
+                    await device.interrupt_in(0x81, 8, timeout=0.2)
+                return await device.get_descriptor(1, 0, 18)  # after the unlink, the stream goes on
+
+        descriptor = asyncio.run(main())
+    assert descriptor[:2] == b"\x12\x01"
+    assert tshark_problems(path) == ""
+    assert tshark(path, "-Y", "usbip.urb == 2 || usbip.urb == 4").stdout.count("\n") == 2  # CMD_/RET_UNLINK
+    submits = [t for t in analyze(path).transactions if t.kind == "submit"]
+    assert [t.unlinked for t in submits].count(True) == 1
+    assert submits[-1].complete and submits[-1].actual_length == 18
+    assert b"".join(p for d, p in tcp_segments(path) if not d) == streams.data[False]
