@@ -20,15 +20,15 @@ as the TCP conversation they were, in one pcapng interface of link type Ethernet
 * metadata: `shb_userappl` "vusb <version>", comments naming the mode, the address and the devices, and comments
   on the frames where a connection opens, imports a device and closes.
 
-Cost and durability: a tap call only stamps the time and queues the bytes (about a microsecond on the session's
-event loop); the recorder's own thread lets a millisecond of calls gather, frames them and writes the batch with
-one `writev`, which runs without the GIL. So a crash of the process loses what that thread had not written yet:
-normally the last millisecond of traffic, at most `high_water` bytes (32 MiB) when the disk is slower than the
-session — beyond that a tap call waits for the disk. A SIGKILL landing inside a write can cut the last block
-short (tshark reads everything before it). No fsync: a machine crash can lose what the page cache held. When the
-file cannot be written (disk full, quota, file size limit, I/O error) the recorder cuts it back to the last whole
-block, logs one error and stops recording; the session it watched goes on. An exception inside the recorder is
-handled the same way: recording must never take a server down.
+Cost and durability: a tap call only stamps the time and queues the bytes (about a microsecond on the
+session's event loop); the recorder's own thread lets two milliseconds of calls gather, frames them and writes
+the batch with one `writev`, which runs without the GIL. So a crash of the process loses what that thread had
+not written yet: normally the last few milliseconds of traffic, at most `high_water` bytes (32 MiB) when the
+disk is slower than the session — beyond that a tap call waits for the disk. A SIGKILL landing inside a write
+can cut the last block short (tshark reads everything before it). No fsync: a machine crash can lose what the
+page cache held. When the file cannot be written (disk full, quota, file size limit, I/O error) the recorder
+cuts it back to the last whole block, logs one error and stops recording; the session it watched goes on. An
+exception inside the recorder is handled the same way: recording must never take a server down.
 """
 
 from __future__ import annotations
@@ -348,9 +348,8 @@ class _EdgeTap:
 
 
 _OPEN, _DATA, _CLOSE, _NOTE, _STOP = range(5)
-_BATCH_DELAY = (
-    0.001  # seconds the recorder thread lets tap calls gather: one GIL hand-over and writev per batch
-)
+# seconds the recorder thread lets tap calls gather: one GIL hand-over and one writev per batch, not per call
+_BATCH_DELAY = 0.002
 
 
 class PcapngRecorder:
