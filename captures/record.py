@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import platform
 import queue
@@ -150,7 +151,7 @@ class _Stream:
         self.comment: str | None = None
         self.position = 0  # stream offset of the next byte, for the lost-framing comment
 
-    def cut(self, data: bytes) -> list[tuple[int, str | None]]:
+    def cut(self, data: bytes | memoryview) -> list[tuple[int, str | None]]:
         n = len(data)
         cuts: list[tuple[int, str | None]] = []
         pos = 0
@@ -185,7 +186,7 @@ class _Stream:
                         continue
             head = self.head
             if head:
-                buf = bytes(head) + data[pos : pos + _HEAD_MAX]
+                buf = bytes(head) + bytes(data[pos : pos + _HEAD_MAX])
                 total = self._measure(buf, 0, len(buf))
                 if total is None:
                     if len(buf) >= _HEAD_MAX:
@@ -223,7 +224,7 @@ class _Stream:
         log.debug("connection %d: %s", self.conn.number, self.comment)
         return -1
 
-    def _measure(self, buf: bytes, pos: int, end: int) -> int | None:
+    def _measure(self, buf: bytes | memoryview, pos: int, end: int) -> int | None:
         """The length of the message starting at buf[pos]: None if more bytes are needed to tell, -1 if the
         stream cannot be followed (then `raw` is set). Notes what the message means to `comment`."""
         avail = end - pos
@@ -300,8 +301,8 @@ class _Stream:
         return self._lose(pos, f"op code {code:#06x}")
 
 
-def _cstr(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+def _cstr(raw: bytes | memoryview) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode("ascii", "replace")
 
 
 class _Conn:
@@ -375,6 +376,7 @@ class PcapngRecorder:
         devices: Iterable[RecordedDevice] = (),
         comment: str | None = None,
         high_water: int = 32 << 20,
+        ring_size: int = 16 << 20,
     ) -> None:
         self.path = Path(path)
         self.mode = mode
@@ -389,6 +391,14 @@ class PcapngRecorder:
         self._notes: list[str] = []
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._queued = 0  # payload bytes queued (written by the tap side only)
+        # Tap data is copied into this ring (memory that stays mapped) rather than kept as the edge's own bytes
+        # objects: holding those for a batch makes the allocator give pages back and fault them in again, which
+        # costs the session more than the copy. Positions are running byte counts; the ring index is mod size.
+        self._ring = mmap.mmap(-1, ring_size)
+        self._ring_view = memoryview(self._ring)
+        self._produced = 0  # ring bytes handed out (tap side, under _ring_lock)
+        self._released = 0  # ring bytes written and given back (recorder thread)
+        self._ring_lock = threading.Lock()
         self._done = 0  # payload bytes framed and written (written by the recorder thread only)
         self._closed = False
         self._close_lock = threading.Lock()
@@ -469,10 +479,22 @@ class PcapngRecorder:
     def _on_data(self, key: tuple[int, int], from_client: bool, data: bytes) -> None:
         if self._closed or self.error is not None or not data:
             return
-        if type(data) is not bytes:  # a buffer the edge may reuse: the recorder thread reads it later
-            data = bytes(data)
-        self._queue.put((_DATA, key, time.time_ns(), from_client, data))
-        self._queued += len(data)
+        n = len(data)
+        size = len(self._ring)
+        with self._ring_lock:  # ring order is queue order: the recorder thread gives space back in that order
+            at = self._produced % size
+            skip = size - at if at + n > size else 0  # a chunk never wraps: start over at 0
+            if n <= size >> 2 and self._produced + skip + n - self._released <= size:
+                at = (at + skip) % size
+                self._ring_view[at : at + n] = data
+                payload: bytes | memoryview = self._ring_view[at : at + n]
+                self._produced += skip + n
+                mark = self._produced
+            else:  # no room (the disk is behind) or a huge chunk: keep the bytes themselves
+                payload = data if type(data) is bytes else bytes(data)
+                mark = 0
+            self._queue.put((_DATA, key, time.time_ns(), from_client, payload, mark))
+        self._queued += n
         if self._queued - self._done > self.high_water:
             self._wait_for_disk()
 
@@ -503,6 +525,7 @@ class PcapngRecorder:
                     events.append(q.get_nowait())
             out: list[Any] = []
             payload = 0
+            mark = 0
             stop = False
             for event in events:
                 kind = event[0]
@@ -511,6 +534,7 @@ class PcapngRecorder:
                     continue
                 if kind == _DATA:
                     payload += len(event[4])
+                    mark = event[5] or mark
                 if self.error is None:
                     try:
                         self._handle(out, event)
@@ -521,6 +545,9 @@ class PcapngRecorder:
                     self._write(out)
                 except OSError as exc:
                     self._fail(exc.strerror or str(exc))
+            out.clear()  # drop the views into the ring before giving its space back
+            if mark:
+                self._released = mark
             self._done += payload
             if stop:
                 return
@@ -528,7 +555,7 @@ class PcapngRecorder:
     def _handle(self, out: list[Any], event: tuple[Any, ...]) -> None:
         kind = event[0]
         if kind == _DATA:
-            self._frame_data(out, *event[1:])
+            self._frame_data(out, event[1], event[2], event[3], event[4])
         elif kind == _OPEN:
             self._open_conn(out, event[1], event[2], event[3], event[4])
         elif kind == _CLOSE:
@@ -571,7 +598,7 @@ class PcapngRecorder:
         return conn
 
     def _frame_data(
-        self, out: list[Any], key: tuple[int, int], stamp: int, from_client: bool, data: bytes
+        self, out: list[Any], key: tuple[int, int], stamp: int, from_client: bool, data: bytes | memoryview
     ) -> None:
         conn = self._conns.get(key)
         if conn is None:  # a plain tap, or bytes before `opened`: made-up endpoints
@@ -690,6 +717,14 @@ class PcapngRecorder:
         finally:
             self._conns.clear()
             os.close(self._fd)
+            with contextlib.suppress(
+                queue.Empty
+            ):  # tap calls that raced with close: their views into the ring
+                while True:
+                    self._queue.get_nowait()
+            with contextlib.suppress(BufferError):
+                self._ring_view.release()
+                self._ring.close()
 
     @property
     def size(self) -> int:

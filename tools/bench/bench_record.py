@@ -121,6 +121,12 @@ def serve(image: Path, record: Path | None) -> tuple[subprocess.Popen[str], int]
     raise SystemExit(f"vusb serve did not start (exit {child.wait()})")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of every thread of process `pid` so far (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(child: subprocess.Popen[str]) -> None:
     child.terminate()
     try:
@@ -145,6 +151,7 @@ def main() -> None:
                 f.write(os.urandom(MIB))
         expected = hashlib.sha256(image.read_bytes()).hexdigest()
         best = {False: float("inf"), True: float("inf")}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
         recording = Path(tmp) / "session.pcapng"
         print(f"vusb serve (child process), {args.size_mib} MiB sequential READ(10) of {CHUNK // 1024} KiB, "
               f"{args.depth} commands in flight, best of {args.repeat}\n")
@@ -153,13 +160,18 @@ def main() -> None:
                 recording.unlink(missing_ok=True)
                 child, port = serve(image, recording if record else None)
                 try:
-                    seconds, digest = PipelinedClient(port, args.depth).read(size)
+                    client = PipelinedClient(port, args.depth)
+                    before = cpu_seconds(child.pid)
+                    seconds, digest = client.read(size)
+                    time.sleep(0.05)  # let the recorder's thread finish the last batch
+                    cpu[record].append(cpu_seconds(child.pid) - before)
                 finally:
                     stop(child)
                 if digest != expected:
                     raise SystemExit(f"run {run + 1} ({'on' if record else 'off'}): wrong bytes read")
                 best[record] = min(best[record], seconds)
-                print(f"  run {run + 1} recording {'on ' if record else 'off'}: {size / MIB / seconds:7.1f} MiB/s")
+                print(f"  run {run + 1} recording {'on ' if record else 'off'}: {size / MIB / seconds:7.1f} MiB/s, "
+                      f"server CPU {cpu[record][-1] * 1000:4.0f} ms")
                 if record:
                     analysis = analyze(recording)
                     reads = [c for c in analysis.scsi_commands if c.name == "READ_10"]
@@ -173,6 +185,10 @@ def main() -> None:
         print(f"recording on:  {on:8.1f} MiB/s   ({frames} frames, {file_size / MIB:.1f} MiB of pcapng; "
               f"every READ(10) and its {CHUNK // 1024} KiB found by analyze())")
         print(f"ratio on / off = {on / off:.3f}   (target >= 0.9)")
+        low = {k: min(v) * 1000 for k, v in cpu.items()}
+        print(f"server CPU for the {args.size_mib} MiB (all threads, least of the runs): off {low[False]:.0f} ms, "
+              f"on {low[True]:.0f} ms (the recorder's share: {low[True] - low[False]:.0f} ms; the machine has "
+              f"{os.cpu_count()} CPUs for server, client and recorder thread)")
 
 
 if __name__ == "__main__":
