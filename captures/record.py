@@ -20,8 +20,8 @@ as the TCP conversation they were, in one pcapng interface of link type Ethernet
 * metadata: `shb_userappl` "vusb <version>", comments naming the mode, the address and the devices, and comments
   on the frames where a connection opens, imports a device and closes.
 
-Cost and durability: a tap call only stamps the time and queues the bytes (about a microsecond on the
-session's event loop); the recorder's own thread lets two milliseconds of calls gather, frames them and writes
+Cost and durability: a tap call only stamps the time and copies the bytes into a ring (a few microseconds per
+64 KiB on the session's event loop); the recorder's own thread lets two milliseconds of calls gather, frames them and writes
 the batch with one `writev`, which runs without the GIL. So a crash of the process loses what that thread had
 not written yet: normally the last few milliseconds of traffic, at most `high_water` bytes (32 MiB) when the
 disk is slower than the session — beyond that a tap call waits for the disk. A SIGKILL landing inside a write
@@ -360,11 +360,11 @@ class PcapngRecorder:
     server (host), `devices` the exported or imported devices. The file is created (truncated) and its header
     written at once, so a path that cannot be written raises `RecordError` before anything is served.
 
-    Two threads. A tap call only stamps the time and queues the bytes (about a microsecond); the recorder's own
-    thread frames them and writes them with `writev`, which runs without the GIL, so neither the framing's
-    Python nor the copy into the page cache sits on the session's event loop, and they overlap with its socket
-    calls. `high_water` bounds the bytes queued: past it a tap call waits for the disk (the session slows down
-    rather than the queue growing without limit).
+    Two threads. A tap call only stamps the time and copies the bytes into a ring of `ring_size` bytes; the
+    recorder's own thread frames them and writes them with `writev`, which runs without the GIL, so neither the
+    framing's Python nor the copy into the page cache sits on the session's event loop, and they overlap with
+    its socket calls. `high_water` bounds the bytes queued: past it a tap call waits for the disk (the session
+    slows down rather than the queue growing without limit).
     """
 
     def __init__(

@@ -647,3 +647,18 @@ def test_unlinked_urb_is_recorded_and_the_stream_stays_in_step_after_it(tmp_path
     assert [t.unlinked for t in submits].count(True) == 1
     assert submits[-1].complete and submits[-1].actual_length == 18
     assert b"".join(p for d, p in tcp_segments(path) if not d) == streams.data[False]
+
+
+def test_small_ring_and_queue_lose_nothing_when_the_recorder_falls_behind(tmp_path: Path) -> None:
+    """A ring too small for the chunks (they are kept as bytes instead) and a queue bound the session hits
+    (tap calls wait for the recorder's thread): every byte still lands, in order."""
+    path = tmp_path / "small.pcapng"
+    messages = _synthetic_session() * 3
+    with PcapngRecorder(path, mode="server", address="test", ring_size=96 << 10, high_water=64 << 10) as recorder:
+        tap = recorder.tap
+        for direction, message in messages:
+            tap(1, direction, message)
+    segments = tcp_segments(path)
+    for direction in (True, False):
+        assert b"".join(p for d, p in segments if d == direction) == b"".join(m for d, m in messages if d == direction)
+    assert recorder.error is None
