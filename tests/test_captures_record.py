@@ -374,7 +374,9 @@ def test_unwritable_record_path_is_one_clear_line_before_anything_is_served_or_i
         assert served.stderr.strip() == f"vusb: error: cannot record to {target}: {why}"
         assert "listening" not in served.stdout + served.stderr
     # the host commands check the path before connecting: nothing listens on `port`, yet the error is the path's
-    for command in (["info"], ["disk", "dump", "-o", str(tmp_path / "x.img")]):
+    (tmp_path / "in.img").write_bytes(bytes(512))
+    for command in (["info"], ["disk", "dump", "-o", str(tmp_path / "x.img")],
+                    ["disk", "write", "-i", str(tmp_path / "in.img")]):
         result = subprocess.run([*VUSB, *command, "-r", "127.0.0.1", "-p", str(port), "-b", "1-1", "--record",
                                  str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
         assert result.returncode == 1
