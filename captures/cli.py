@@ -282,6 +282,11 @@ def _print_summary(console: Console, analysis: Analysis, summary: dict[str, Any]
     show_default=True,
     help="TCP port carrying USB/IP.",
 )
+@click.option(
+    "--lenient",
+    is_flag=True,
+    help="A USB/IP connection that breaks the protocol is a warning (rest of it skipped), not an error.",
+)
 @click.option("--limit", type=click.IntRange(min=0), help="Print at most this many rows.")
 def dissect_command(
     capture: Path,
@@ -294,6 +299,7 @@ def dissect_command(
     scsi_opcode: str | None,
     ports: tuple[int, ...],
     limit: int | None,
+    lenient: bool,
 ) -> None:
     """Pair the requests and responses of a usbmon or USB/IP capture (pcap, pcapng) and print them."""
     dev = _parse_device(device)
@@ -303,7 +309,7 @@ def dissect_command(
         raise click.BadParameter(
             "SCSI commands span endpoints; use --endpoint without --scsi", param_hint="--endpoint"
         )
-    analysis = analyze(capture, ports=ports)
+    analysis = analyze(capture, ports=ports, strict=not lenient)
     err = Console(stderr=True)
     for warning in analysis.warnings:
         err.print(f"[yellow]vusb: warning:[/] {warning}", highlight=False)

@@ -282,10 +282,21 @@ def _cdb_lba_blocks(cdb: bytes) -> tuple[int | None, int | None]:
 class _Conn:
     """One USB/IP TCP connection: pending requests by seqnum, the imported busid, endpoint types learned."""
 
-    __slots__ = ("bot", "busid", "ep_types", "name", "pending", "pending_op", "pending_unlinks", "phase")
+    __slots__ = (
+        "bot",
+        "broken",
+        "busid",
+        "ep_types",
+        "name",
+        "pending",
+        "pending_op",
+        "pending_unlinks",
+        "phase",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.broken = False  # lenient analysis: the stream broke the protocol, the rest of it is skipped
         self.pending: dict[int, Transaction] = {}
         self.pending_unlinks: dict[int, Transaction] = {}
         self.pending_op: Transaction | None = None
@@ -361,9 +372,10 @@ def _ret_data_follows(b: bytes | bytearray, pos: int, end: int, actual: int, npk
 
 
 class _Pairer:
-    def __init__(self, source: str, ports: Iterable[int]) -> None:
+    def __init__(self, source: str, ports: Iterable[int], *, strict: bool = True) -> None:
         self.analysis = Analysis(source)
         self.ports = frozenset(ports)
+        self.strict = strict
         self.transactions = self.analysis.transactions
         self.scsi = self.analysis.scsi_commands
         self.warnings = self.analysis.warnings
@@ -584,6 +596,7 @@ class _Pairer:
                 flow = self.flows.get(buf[off + 26 : off + 38])  # src, dst, sport, dport: the flow key
                 if (
                     flow is not None
+                    and self.strict  # lenient analysis goes through _feed, which contains a broken stream
                     and seq == flow.next_seq
                     and flow.synced
                     and not flow.buf
@@ -748,6 +761,21 @@ class _Pairer:
         self, flow: _Flow, buf: bytes | bytearray, start: int, end: int, number: int, ts: float
     ) -> None:
         flow.next_seq = ((flow.next_seq or 0) + (end - start)) & _U32
+        if flow.conn.broken:
+            return
+        if self.strict:
+            self._feed_stream(flow, buf, start, end, number, ts)
+            return
+        try:
+            self._feed_stream(flow, buf, start, end, number, ts)
+        except CaptureError as exc:
+            flow.conn.broken = True
+            flow.buf = bytearray()
+            self.warnings.append(f"{exc}; the rest of this connection is skipped")
+
+    def _feed_stream(
+        self, flow: _Flow, buf: bytes | bytearray, start: int, end: int, number: int, ts: float
+    ) -> None:
         if not flow.synced:
             if not _plausible(buf, start, end):
                 flow.skipped += end - start
@@ -1113,17 +1141,22 @@ def _frames_from_packets(packets: Iterable[Any]) -> Iterator[RawFrame]:
 
 
 def analyze(
-    source: str | os.PathLike[str] | bytes | Iterable[Any], *, ports: Iterable[int] = (USBIP_PORT,)
+    source: str | os.PathLike[str] | bytes | Iterable[Any],
+    *,
+    ports: Iterable[int] = (USBIP_PORT,),
+    strict: bool = True,
 ) -> Analysis:
     """Pair a capture: a pcap/pcapng path, its bytes, or a list of scapy packets.
 
     Raises CaptureError (naming the frame) for files that are not captures, truncated blocks, link types that
-    carry neither usbmon nor IP, and USB/IP streams that break the protocol.
+    carry neither usbmon nor IP, and USB/IP streams that break the protocol. With `strict=False` a USB/IP
+    connection that breaks the protocol (a peer that sent garbage, say) becomes a warning and the rest of that
+    connection is skipped, while the other connections are still paired.
     """
     if isinstance(source, str | os.PathLike | bytes | bytearray | memoryview):
         data, name = load(source)
-        return _Pairer(name, ports).run(iter_frames(data, name))
-    return _Pairer("<packets>", ports).run(_frames_from_packets(source))
+        return _Pairer(name, ports, strict=strict).run(iter_frames(data, name))
+    return _Pairer("<packets>", ports, strict=strict).run(_frames_from_packets(source))
 
 
 def pair_transactions(

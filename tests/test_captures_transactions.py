@@ -462,3 +462,29 @@ def test_implausible_transfer_length_is_reported_instead_of_buffering_the_rest_o
         CaptureError, match=r"frame 4: .*CMD_SUBMIT seqnum 1 at stream offset 0 announces 2147418112 bytes"
     ):
         analyze(_capture([(True, bogus + b"more")]))
+
+
+def test_lenient_analysis_skips_only_the_connection_that_sent_garbage_and_pairs_the_others() -> None:
+    good = synth.TcpConnection(client=("10.0.0.2", 40000))
+    bad = synth.TcpConnection(client=("10.0.0.3", 40001))
+    frames = [(1.0, f) for f in good.handshake() + bad.handshake()]
+    frames += [(1.1, f) for f in bad.send(True, b"\xde\xad\xbe\xef" * 12)]
+    for to_server, msg in _session():
+        frames += [(1.2, f) for f in good.send(to_server, msg)]
+    capture = synth.pcap(frames, LINKTYPE_ETHERNET)
+    with pytest.raises(CaptureError, match=r"10\.0\.0\.3:40001 -> 10\.0\.0\.1:3240"):
+        analyze(capture)
+    lenient = analyze(capture, strict=False)
+    alone = synth.TcpConnection(client=("10.0.0.2", 40000))
+    alone_frames = [(1.0, f) for f in alone.handshake()]
+    for to_server, msg in _session():
+        alone_frames += [(1.2, f) for f in alone.send(to_server, msg)]
+    expected = analyze(synth.pcap(alone_frames, LINKTYPE_ETHERNET)).transactions
+    got = [
+        t for t in lenient.transactions if t.device and "10.0.0.2" in str(t.device)
+    ] or lenient.transactions
+    assert [(t.kind, t.urb_id, t.status, t.actual_length) for t in got] == [
+        (t.kind, t.urb_id, t.status, t.actual_length) for t in expected
+    ]
+    assert len(expected) >= 3
+    assert any("10.0.0.3:40001" in w and "rest of this connection is skipped" in w for w in lenient.warnings)
