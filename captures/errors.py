@@ -21,3 +21,7 @@ class CaptureError(VusbError):
         if frame is not None:
             where += f"frame {frame}: "
         super().__init__(where + message)
+
+
+class TruncatedCaptureError(CaptureError):
+    """The file ends inside a record or block: a capture cut short, e.g. a recording whose writer was killed."""

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from captures.errors import CaptureError
+from captures.errors import CaptureError, TruncatedCaptureError
 
 # Link-layer header types (https://www.tcpdump.org/linktypes.html) that vusb understands.
 LINKTYPE_NULL = 0
@@ -112,7 +112,7 @@ def _iter_pcap(data: bytes, path: str | None, bo: str) -> Iterator[RawFrame]:
     while off < end:
         number += 1
         if off + 16 > end:
-            raise CaptureError(
+            raise TruncatedCaptureError(
                 f"pcap record header at byte {off} is truncated ({end - off} of 16 bytes)",
                 frame=number,
                 path=path,
@@ -120,7 +120,7 @@ def _iter_pcap(data: bytes, path: str | None, bo: str) -> Iterator[RawFrame]:
         ts_sec, ts_frac, caplen, origlen = unpack_rec(data, off)
         off += 16
         if off + caplen > end:
-            raise CaptureError(
+            raise TruncatedCaptureError(
                 f"pcap record at byte {off - 16} is truncated: {caplen} bytes captured, {end - off} left in file",
                 frame=number,
                 path=path,
@@ -169,7 +169,7 @@ def _iter_pcapng(data: bytes, path: str | None) -> Iterator[RawFrame]:
     interfaces: list[_Interface] = []
     while off < end:
         if off + 12 > end:
-            raise CaptureError(
+            raise TruncatedCaptureError(
                 f"pcapng block at byte {off} is truncated ({end - off} bytes left, a block has at least 12)",
                 frame=number + 1,
                 path=path,
@@ -217,7 +217,7 @@ def _iter_pcapng(data: bytes, path: str | None) -> Iterator[RawFrame]:
                 path=path,
             )
         if off + blen > end:
-            raise CaptureError(
+            raise TruncatedCaptureError(
                 f"pcapng block at byte {off} is truncated: {blen} bytes long, {end - off} left in file",
                 frame=number + 1,
                 path=path,

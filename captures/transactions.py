@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from captures.errors import CaptureError
+from captures.errors import CaptureError, TruncatedCaptureError
 from captures.names import errno_name, opcode_name
 from captures.reader import (
     LINKTYPE_ETHERNET,
@@ -1140,6 +1140,16 @@ def _frames_from_packets(packets: Iterable[Any]) -> Iterator[RawFrame]:
         yield (number, linktype, float(pkt.time), raw, 0, len(raw), len(raw), False)
 
 
+def _until_truncation(frames: Iterator[RawFrame], warnings: list[str]) -> Iterator[RawFrame]:
+    """The frames of a capture up to where the file was cut short; the cut becomes a warning."""
+    try:
+        yield from frames
+    except TruncatedCaptureError as exc:
+        warnings.append(
+            f"{exc}; the capture was cut short (a recording killed mid-write?): analysed up to there"
+        )
+
+
 def analyze(
     source: str | os.PathLike[str] | bytes | Iterable[Any],
     *,
@@ -1151,11 +1161,14 @@ def analyze(
     Raises CaptureError (naming the frame) for files that are not captures, truncated blocks, link types that
     carry neither usbmon nor IP, and USB/IP streams that break the protocol. With `strict=False` a USB/IP
     connection that breaks the protocol (a peer that sent garbage, say) becomes a warning and the rest of that
-    connection is skipped, while the other connections are still paired.
+    connection is skipped, while the other connections are still paired, and a file cut short inside its last
+    record (a recorder killed mid-write) is analysed up to the cut.
     """
     if isinstance(source, str | os.PathLike | bytes | bytearray | memoryview):
         data, name = load(source)
-        return _Pairer(name, ports, strict=strict).run(iter_frames(data, name))
+        pairer = _Pairer(name, ports, strict=strict)
+        frames = iter_frames(data, name)
+        return pairer.run(frames if strict else _until_truncation(frames, pairer.warnings))
     return _Pairer("<packets>", ports, strict=strict).run(_frames_from_packets(source))
 
 

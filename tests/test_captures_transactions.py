@@ -488,3 +488,21 @@ def test_lenient_analysis_skips_only_the_connection_that_sent_garbage_and_pairs_
     ]
     assert len(expected) >= 3
     assert any("10.0.0.3:40001" in w and "rest of this connection is skipped" in w for w in lenient.warnings)
+
+
+def test_capture_cut_inside_its_last_block_is_an_error_strictly_and_analysed_up_to_the_cut_leniently() -> (
+    None
+):
+    conn = synth.TcpConnection()
+    frames = [(1.0, f) for f in conn.handshake()]
+    for to_server, msg in _session():
+        frames += [(1.2, f) for f in conn.send(to_server, msg)]
+    whole = synth.pcapng(frames, LINKTYPE_ETHERNET)
+    complete = analyze(whole).transactions
+    cut = whole[:-7]  # the writer died inside the last enhanced packet block
+    with pytest.raises(CaptureError, match="truncated"):
+        analyze(cut)
+    lenient = analyze(cut, strict=False)
+    assert any("cut short" in w for w in lenient.warnings)
+    assert [(t.kind, t.urb_id) for t in lenient.transactions] == [(t.kind, t.urb_id) for t in complete]
+    assert sum(1 for t in lenient.transactions if t.complete) == sum(1 for t in complete if t.complete) - 1
