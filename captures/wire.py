@@ -144,14 +144,23 @@ class TcpFrames:
         for to_server in (True, False):
             src, dst = (self.client, self.server) if to_server else (self.server, self.client)
             macs = _MAC_SERVER + _MAC_CLIENT if to_server else _MAC_CLIENT + _MAC_SERVER
-            self._prefix[to_server] = macs + (_ETH_IPV6 + b"\x60\0\0\0" if self.ipv6 else _ETH_IPV4 + b"\x45\0")
+            self._prefix[to_server] = macs + (
+                _ETH_IPV6 + b"\x60\0\0\0" if self.ipv6 else _ETH_IPV4 + b"\x45\0"
+            )
             self._route[to_server] = src[0] + dst[0] + struct.pack(">HH", src[1], dst[1])
         # every IPv4 header halfword but total length, identification and checksum (the same both ways)
-        self._sum = 0 if self.ipv6 else 0x4500 + 0x4000 + 0x4006 + sum(struct.unpack(">4H", a.packed + b.packed))
+        self._sum = (
+            0 if self.ipv6 else 0x4500 + 0x4000 + 0x4006 + sum(struct.unpack(">4H", a.packed + b.packed))
+        )
 
     def headers(
-        self, to_server: bool, length: int, flags: int = TCP_PSH | TCP_ACK, seq: int | None = None,
-        ack: int | None = None, tcp_options: bytes = b"",
+        self,
+        to_server: bool,
+        length: int,
+        flags: int = TCP_PSH | TCP_ACK,
+        seq: int | None = None,
+        ack: int | None = None,
+        tcp_options: bytes = b"",
     ) -> bytes:
         """The 54-byte (IPv4) or 74-byte (IPv6) header in front of `length` payload bytes (more with options,
         which must be padded to 32 bits). The acknowledgment number defaults to everything the other side
@@ -161,19 +170,41 @@ class TcpFrames:
             ack = self.seq[not to_server] if flags & TCP_ACK else 0
         tcp_length = 20 + len(tcp_options)
         if self.ipv6:
-            return _V6.pack(
-                self._prefix[to_server], tcp_length + length, b"\x06\x40", self._route[to_server],
-                own & 0xFFFFFFFF, ack & 0xFFFFFFFF, tcp_length << 2, flags, self.window,
-            ) + tcp_options
+            return (
+                _V6.pack(
+                    self._prefix[to_server],
+                    tcp_length + length,
+                    b"\x06\x40",
+                    self._route[to_server],
+                    own & 0xFFFFFFFF,
+                    ack & 0xFFFFFFFF,
+                    tcp_length << 2,
+                    flags,
+                    self.window,
+                )
+                + tcp_options
+            )
         self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
         total = 20 + tcp_length + length
         folded = self._sum + total + ip_id
         folded = (folded & 0xFFFF) + (folded >> 16)
         folded = (folded & 0xFFFF) + (folded >> 16)
-        return _V4.pack(
-            self._prefix[to_server], total, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, self._route[to_server],
-            own & 0xFFFFFFFF, ack & 0xFFFFFFFF, tcp_length << 2, flags, self.window,
-        ) + tcp_options
+        return (
+            _V4.pack(
+                self._prefix[to_server],
+                total,
+                ip_id,
+                b"\x40\0\x40\x06",
+                ~folded & 0xFFFF,
+                self._route[to_server],
+                own & 0xFFFFFFFF,
+                ack & 0xFFFFFFFF,
+                tcp_length << 2,
+                flags,
+                self.window,
+            )
+            + tcp_options
+        )
 
     def advance(self, to_server: bool, length: int) -> None:
         self.seq[to_server] += length
@@ -199,8 +230,21 @@ class TcpFrames:
             folded = base + total + ip_id
             folded = (folded & 0xFFFF) + (folded >> 16)
             folded = (folded & 0xFFFF) + (folded >> 16)
-            out.append(pack(prefix, total, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, route, own & 0xFFFFFFFF,
-                            ack, 0x50, TCP_PSH | TCP_ACK, window))
+            out.append(
+                pack(
+                    prefix,
+                    total,
+                    ip_id,
+                    b"\x40\0\x40\x06",
+                    ~folded & 0xFFFF,
+                    route,
+                    own & 0xFFFFFFFF,
+                    ack,
+                    0x50,
+                    TCP_PSH | TCP_ACK,
+                    window,
+                )
+            )
             own += length
         self.ip_id = ip_id
         self.seq[to_server] = own
