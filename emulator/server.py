@@ -26,6 +26,7 @@ import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from emulator.devices.base import Device, Reply, TransferStatus
 from emulator.errors import VusbError
@@ -68,6 +69,8 @@ _IOV_MAX = 512
 
 # USB 2.0 11.24.2: hub class request SET_FEATURE(PORT_RESET) — bmRequestType 0x23 (class, other)
 _PORT_RESET_REQUEST = (0x23, 0x03, 4)
+_SHORT_NOT_OK = int(URB_SHORT_NOT_OK)  # a plain int: `&` with an IntFlag member runs enum.py per URB
+_DONE = Phase.DONE  # a module name: `Phase.DONE` goes through EnumType.__getattr__ (Python 3.11) per read
 
 
 class ServerError(VusbError):
@@ -143,7 +146,7 @@ def _ret_for(cmd: CmdSubmit, reply: Reply) -> RetSubmit:
             data = data[: cmd.transfer_buffer_length]
             if status == 0:
                 status = int(TransferStatus.OVERFLOW)
-        elif status == 0 and cmd.transfer_flags & URB_SHORT_NOT_OK and len(data) < cmd.transfer_buffer_length:
+        elif status == 0 and cmd.transfer_flags & _SHORT_NOT_OK and len(data) < cmd.transfer_buffer_length:
             status = int(TransferStatus.SHORT)
         return RetSubmit(seqnum=cmd.seqnum, status=status, actual_length=len(data), transfer_buffer=data)
     actual = min(reply.length, cmd.transfer_buffer_length)
@@ -170,12 +173,16 @@ class UrbDispatcher:
             return RetSubmit(seqnum=cmd.seqnum, status=int(TransferStatus.STALL), number_of_packets=0)
         if cmd.ep == 0:
             return self._control(cmd)
-        address = cmd.ep | (0x80 if cmd.direction == USBIP_DIR_IN else 0)
+        is_in = cmd.direction == USBIP_DIR_IN
+        address = cmd.ep | 0x80 if is_in else cmd.ep
         queue = self._queues.get(address)
         if queue:
             queue.append(cmd)
             return None
-        reply = self._transfer(address, cmd)
+        if is_in:  # what _transfer does, without the call (once per URB)
+            reply = self.device.transfer(address, None, cmd.transfer_buffer_length)
+        else:
+            reply = self.device.transfer(address, cmd.transfer_buffer, cmd.transfer_buffer_length)
         if reply is None:
             self._queues.setdefault(address, deque()).append(cmd)
             return None
@@ -242,6 +249,11 @@ class _Session:
         self._out: deque[bytes | memoryview] = deque()
         self._out_bytes = 0
         self._reading = False
+        self._writing = False  # a writer is registered: the socket did not take everything
+        # One receive buffer for the session's life: recv_into it, no allocation per read (a 256 KiB
+        # bytes per recv() costs an mmap/munmap pair, which under TCG is worth more than the URB).
+        self._received = bytearray(_READ_SIZE)
+        self._received_view = memoryview(self._received)
         self._closing: str | None = None
         sock.setblocking(False)
         with contextlib.suppress(OSError):
@@ -262,21 +274,28 @@ class _Session:
 
     def _on_readable(self) -> None:
         try:
-            data = self.sock.recv(_READ_SIZE)
+            nbytes = self.sock.recv_into(self._received)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.close(f"connection lost: {exc}")
             return
-        if data and self.server.tap is not None:
-            self.server.tap(self.cid, True, data)
+        data = self._received_view[:nbytes]
+        if nbytes and self.server.tap is not None:
+            self.server.tap(self.cid, True, bytes(data))
+        conn = self.conn
         try:
-            self.conn.receive_data(data)
+            conn.receive_data(data)
             out: list[bytes] = []
             while True:
-                event = self.conn.next_event()
+                event = conn.next_event()
                 if event is NEED_DATA:
                     break
+                if type(event) is CmdSubmit and self.dispatcher is not None:  # _handle's first case, inline
+                    ret = self.dispatcher.submit(event)
+                    if ret is not None:
+                        out += conn.complete_iov(ret)
+                    continue
                 if isinstance(event, ConnectionClosed):
                     self._send(out)
                     self.close("closed by peer")
@@ -287,7 +306,7 @@ class _Session:
             log.warning("%s: closing connection: %s", self.peer, exc)
             self.close(f"protocol error: {exc}")
             return
-        if self.conn.phase is Phase.DONE:
+        if conn.phase is _DONE:
             self.close("operation done")
 
     def _send(self, parts: list[bytes]) -> None:
@@ -295,12 +314,11 @@ class _Session:
             return
         if self.server.tap is not None:
             self.server.tap(self.cid, False, b"".join(parts))
-        if self._out:
-            self._out.extend(parts)
-            self._out_bytes += sum(map(len, parts))
-        else:
-            self._out.extend(parts)
-            self._out_bytes += sum(map(len, parts))
+        out = self._out
+        waiting = bool(out)
+        out.extend(parts)
+        self._out_bytes += sum(map(len, parts))
+        if not waiting:  # otherwise the writer callback sends it after what is already queued
             self._flush()
         if self._out_bytes > _HIGH_WATER:
             self._pause_reading()
@@ -308,17 +326,22 @@ class _Session:
     def _flush(self) -> None:
         out = self._out
         while out:
-            batch = [out[i] for i in range(min(len(out), _IOV_MAX))]
-            try:
-                sent = self.sock.sendmsg(batch)
+            try:  # sendmsg takes the deque itself unless it is longer than the kernel's iovec limit
+                sent = self.sock.sendmsg(out if len(out) <= _IOV_MAX else list(islice(out, _IOV_MAX)))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 out.clear()
                 self._out_bytes = 0
-                self.loop.remove_writer(self.sock)
+                if self._writing:
+                    self._writing = False
+                    self.loop.remove_writer(self.sock)
                 self.close(f"connection lost: {exc}")
                 return
+            if sent == self._out_bytes:  # the usual case: all of it went
+                out.clear()
+                self._out_bytes = 0
+                break
             self._out_bytes -= sent
             while sent:
                 head = out[0]
@@ -329,12 +352,16 @@ class _Session:
                     out[0] = memoryview(head)[sent:]
                     sent = 0
         if out:
-            self.loop.add_writer(self.sock, self._flush)
+            if not self._writing:
+                self._writing = True
+                self.loop.add_writer(self.sock, self._flush)
             return
-        self.loop.remove_writer(self.sock)
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.sock)
         if self._closing is not None:
             self._finish()
-        elif self._out_bytes <= _HIGH_WATER:
+        elif not self._reading and self._out_bytes <= _HIGH_WATER:
             self._resume_reading()
 
     # -- USB/IP -------------------------------------------------------------------------------------------

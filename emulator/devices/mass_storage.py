@@ -100,12 +100,18 @@ class BulkCbWrap:
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> BulkCbWrap:
         """Decode a CBW; a wrong size or signature ("not valid", BOT §6.2.1) raises MassStorageError."""
-        if len(data) != US_BULK_CB_WRAP_LEN:
-            raise MassStorageError(f"CBW is {len(data)} bytes, not {US_BULK_CB_WRAP_LEN}")
-        signature, tag, length, flags, lun, cb_length, cb = _CBW.unpack(data)
-        if signature != US_BULK_CB_SIGN:
-            raise MassStorageError(f"CBW signature {signature:#010x} is not {US_BULK_CB_SIGN:#010x}")
-        return cls(tag, length, flags, lun, bytes(cb[: min(cb_length, 16)]), signature)
+        return cls(*_decode_cbw(data), US_BULK_CB_SIGN)
+
+
+def _decode_cbw(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int, bytes]:
+    """A valid CBW's (tag, data_transfer_length, flags, lun, cdb); `BulkCbWrap.unpack` as a tuple, which is
+    what the transport takes apart once per command."""
+    if len(data) != US_BULK_CB_WRAP_LEN:
+        raise MassStorageError(f"CBW is {len(data)} bytes, not {US_BULK_CB_WRAP_LEN}")
+    signature, tag, length, flags, lun, cb_length, cb = _CBW.unpack(data)
+    if signature != US_BULK_CB_SIGN:
+        raise MassStorageError(f"CBW signature {signature:#010x} is not {US_BULK_CB_SIGN:#010x}")
+    return tag, length, flags, lun, cb[:cb_length] if cb_length < 16 else cb
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -260,32 +266,32 @@ class BulkOnlyTransport:
     def _command_block(self, data: bytes | bytearray | memoryview) -> Reply:
         accepted = Reply(actual_length=len(data))  # the packet is taken; any stall comes afterwards
         try:
-            cbw = BulkCbWrap.unpack(data)
+            tag, h, flags, lun, cdb = _decode_cbw(data)
         except MassStorageError as exc:
             self._stall_until_reset(f"invalid CBW ({exc})")
             return accepted
         # "Meaningful" (BOT §6.2.2): no reserved bits, a LUN the device has, a CB length of 1..16.
-        if cbw.flags & ~US_BULK_FLAG_IN & 0xFF or cbw.lun > self.target.max_lun or not 1 <= data[14] <= 16:
+        if flags & ~US_BULK_FLAG_IN & 0xFF or lun > self.target.max_lun or not 1 <= data[14] <= 16:
             self._stall_until_reset(
-                f"CBW not meaningful (flags {cbw.flags:#04x}, LUN {cbw.lun}, CB length {data[14]})"
+                f"CBW not meaningful (flags {flags:#04x}, LUN {lun}, CB length {data[14]})"
             )
             return accepted
-        self._start(cbw)
+        self._start(tag, h, flags, lun, cdb)
         return accepted
 
-    def _start(self, cbw: BulkCbWrap) -> None:
-        """Decode the command and settle which of BOT §6.7's thirteen cases this is."""
-        cmd = self.target.command(cbw.lun, cbw.cdb)
-        h = cbw.data_transfer_length
+    def _start(self, tag: int, h: int, flags: int, lun: int, cdb: bytes) -> None:
+        """Decode the command and settle which of BOT §6.7's thirteen cases this is (`h`: the CBW's
+        dCBWDataTransferLength)."""
+        cmd = self.target.command(lun, cdb)
         d = cmd.direction if cmd.length else Direction.NONE
-        self._cmd, self._tag, self._host_length = cmd, cbw.tag, h
+        self._cmd, self._tag, self._host_length = cmd, tag, h
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "CBW tag %#x LUN %d CDB %s H%s=%d D%s=%d",
-                cbw.tag,
-                cbw.lun,
-                cbw.cdb.hex(),
-                "n" if not h else "i" if cbw.flags & US_BULK_FLAG_IN else "o",
+                tag,
+                lun,
+                cdb.hex(),
+                "n" if not h else "i" if flags & US_BULK_FLAG_IN else "o",
                 h,
                 d.value[0],
                 cmd.length,
@@ -295,7 +301,7 @@ class BulkOnlyTransport:
                 self._status(cmd.finish())
             else:  # (2) Hn < Di, (3) Hn < Do: the command is not run
                 self._status(ScsiStatus.GOOD, phase_error=True)
-        elif cbw.flags & US_BULK_FLAG_IN:
+        elif flags & US_BULK_FLAG_IN:
             if d is Direction.IN:  # (5) Hi > Di, (6) Hi = Di, (7) Hi < Di: send at most Hi, phase error
                 self._phase_error = cmd.length > h
                 self._device_left = min(cmd.length, h)
@@ -412,8 +418,11 @@ class BulkOnlyTransport:
             status = US_BULK_STAT_OK
         else:
             status = US_BULK_STAT_FAIL
-        csw = BulkCsWrap(self._tag, self._host_length - self._moved, status).pack()
-        log.debug("CSW tag %#x residue %d status %d", self._tag, self._host_length - self._moved, status)
+        residue = self._host_length - self._moved
+        # BulkCsWrap(...).pack() without the object: once per command
+        csw = _CSW.pack(US_BULK_CS_SIGN, self._tag, residue, status)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("CSW tag %#x residue %d status %d", self._tag, residue, status)
         self._clear_command()
         if length < US_BULK_CS_WRAP_LEN:  # the host's buffer cannot hold it: babble
             return Reply(TransferStatus.OVERFLOW, csw[:length])
@@ -461,11 +470,13 @@ class MassStorageFunction(Function):
 
     def transfer(self, endpoint: str, data: bytes | None, length: int) -> Reply | None:
         with self._lock:
+            bot = self.bot
             if endpoint == "out":
-                reply = self.bot.bulk_out(data if data is not None else b"")
+                reply = bot.bulk_out(data if data is not None else b"")
             else:
-                reply = self.bot.bulk_in(length)
-            self._sync_halts()
+                reply = bot.bulk_in(length)
+            if bot.in_halted or bot.out_halted:
+                self._sync_halts()
         return reply
 
     def control(self, setup: ch9.SetupPacket, data: bytes) -> Reply:

@@ -158,8 +158,11 @@ class ImageStore(Store):
         return self._fd
 
     def pread(self, offset: int, length: int) -> bytes:
-        fd = self._live_fd()
-        self._check_range(offset, length)
+        fd = self._fd
+        if fd is None:
+            fd = self._live_fd()  # raises
+        if offset < 0 or length < 0 or offset + length > self.size:
+            self._check_range(offset, length)  # raises
         try:
             data = os.pread(fd, length, offset)
             if len(data) == length:

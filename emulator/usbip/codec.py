@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Final, TypeAlias
 
 from emulator.usbip.constants import (
@@ -123,6 +123,7 @@ assert _USB_DEVICE.size == USBIP_USB_DEVICE_SIZE
 assert _USB_INTERFACE.size == USBIP_USB_INTERFACE_SIZE
 
 _HDR: Final = USBIP_HEADER_SIZE
+_new = object.__new__
 _ISO_SIZE: Final = USBIP_ISO_PACKET_DESCRIPTOR_SIZE
 _U32_MAX: Final = 0xFFFFFFFF
 
@@ -399,22 +400,21 @@ def read_cmd_submit(
     if len(buf) - pos < total:
         return total
     start = pos + _HDR
-    transfer_buffer = _take(buf, start, start + payload) if payload else b""
-    isos = _read_isos(buf, start + payload, niso) if niso else ()
-    message = CmdSubmit(
-        seqnum=seqnum,
-        devid=devid,
-        direction=direction,
-        ep=ep,
-        transfer_flags=transfer_flags,
-        transfer_buffer_length=transfer_buffer_length,
-        start_frame=start_frame,
-        number_of_packets=number_of_packets,
-        interval=interval,
-        setup=setup,
-        transfer_buffer=transfer_buffer,
-        iso_packet_descriptors=isos,
-    )
+    # CmdSubmit(seqnum=..., ...) without binding twelve keywords, which costs more than the decoding; the
+    # assertion after the readers keeps this in step with the class's fields.
+    message = _new(CmdSubmit)
+    message.seqnum = seqnum
+    message.devid = devid
+    message.direction = direction
+    message.ep = ep
+    message.transfer_flags = transfer_flags
+    message.transfer_buffer_length = transfer_buffer_length
+    message.start_frame = start_frame
+    message.number_of_packets = number_of_packets
+    message.interval = interval
+    message.setup = setup
+    message.transfer_buffer = _take(buf, start, start + payload) if payload else b""
+    message.iso_packet_descriptors = _read_isos(buf, start + payload, niso) if niso else ()
     return message, total
 
 
@@ -489,19 +489,18 @@ def read_ret_submit(
                 offset=base + 24,
                 seqnum=seqnum,
             )
-    message = RetSubmit(
-        seqnum=seqnum,
-        devid=devid,
-        direction=direction,
-        ep=ep,
-        status=status,
-        actual_length=actual_length,
-        start_frame=start_frame,
-        number_of_packets=number_of_packets,
-        error_count=error_count,
-        transfer_buffer=transfer_buffer,
-        iso_packet_descriptors=isos,
-    )
+    message = _new(RetSubmit)  # RetSubmit(seqnum=..., ...) without the keyword binding, as for CmdSubmit
+    message.seqnum = seqnum
+    message.devid = devid
+    message.direction = direction
+    message.ep = ep
+    message.status = status
+    message.actual_length = actual_length
+    message.start_frame = start_frame
+    message.number_of_packets = number_of_packets
+    message.error_count = error_count
+    message.transfer_buffer = transfer_buffer
+    message.iso_packet_descriptors = isos
     return message, total
 
 
@@ -677,6 +676,16 @@ def read_op_rep_devlist(
         devices.append(OpDevlistReplyExtra(udev=udev, uinf=uinf))
     return OpRepDevlist(status=status, devices=tuple(devices)), need
 
+
+# read_cmd_submit / read_ret_submit fill these slots one by one: they must be all the fields there are.
+assert [f.name for f in fields(CmdSubmit)] == [
+    "seqnum", "devid", "direction", "ep", "transfer_flags", "transfer_buffer_length", "start_frame",
+    "number_of_packets", "interval", "setup", "transfer_buffer", "iso_packet_descriptors",
+]  # fmt: skip
+assert [f.name for f in fields(RetSubmit)] == [
+    "seqnum", "devid", "direction", "ep", "status", "actual_length", "start_frame", "number_of_packets",
+    "error_count", "transfer_buffer", "iso_packet_descriptors",
+]  # fmt: skip
 
 READERS: Final[dict[type[Message], Reader]] = {
     OpReqDevlist: read_op_req_devlist,
@@ -862,9 +871,34 @@ def _iov_cmd_submit(m: CmdSubmit) -> list[bytes]:
 
 
 def _iov_ret_submit(m: RetSubmit) -> list[bytes]:
-    name, seqnum = "USBIP_RET_SUBMIT", m.seqnum
     tb = m.transfer_buffer
     actual_length = m.actual_length
+    number_of_packets = m.number_of_packets
+    if (  # the usual non-iso reply passes every check below: pack it straight away
+        type(actual_length) is int
+        and actual_length >= 0
+        and (number_of_packets == 0 or number_of_packets == -1)
+        and not m.iso_packet_descriptors
+        and (not tb or len(tb) == actual_length)
+    ):
+        try:
+            header = _RET_SUBMIT.pack(
+                USBIP_RET_SUBMIT,
+                m.seqnum,
+                m.devid,
+                m.direction,
+                m.ep,
+                m.status,
+                actual_length,
+                m.start_frame,
+                number_of_packets,
+                m.error_count,
+            )
+        except struct.error:
+            pass  # a field out of range: the full path below names it
+        else:
+            return [header, tb] if tb else [header]
+    name, seqnum = "USBIP_RET_SUBMIT", m.seqnum
     if not isinstance(actual_length, int) or actual_length < 0:
         raise _local_field(f"actual_length {actual_length!r} must be >= 0", name, seqnum, "actual_length")
     if tb and len(tb) != actual_length:
@@ -875,7 +909,7 @@ def _iov_ret_submit(m: RetSubmit) -> list[bytes]:
             seqnum=seqnum,
         )
     isos = m.iso_packet_descriptors
-    niso = _check_packets(name, seqnum, m.number_of_packets, isos)
+    niso = _check_packets(name, seqnum, number_of_packets, isos)
     if niso:
         iso_total = sum(d.actual_length for d in isos)
         if iso_total != actual_length:

@@ -1,8 +1,14 @@
-"""One frozen dataclass per USB/IP wire struct or message, named after the kernel's.
+"""One dataclass per USB/IP wire struct or message, named after the kernel's.
 
 These are plain values: no I/O, no validation at construction (the codec validates on `pack` and on
 decode, so the hot path builds each message once). Field names and order follow the kernel
 (usbip_common.h, usbip_network.h); every constructor is keyword-only.
+
+All are frozen except the four URB messages (CmdSubmit, RetSubmit, CmdUnlink, RetUnlink): the hot path
+builds two of them per URB, and a frozen dataclass stores each field through `object.__setattr__`, which
+makes a CmdSubmit cost five times what the rest of its decoding does. Treat them as values all the same:
+they compare and hash by their fields, and nothing in vusb changes one after it is made (the connections
+keep their own record of each outstanding URB, so changing a message after sending it changes nothing).
 
 Signedness follows the kernel structs: `transfer_buffer_length`, `start_frame`, `number_of_packets`,
 `interval`, `status`, `actual_length`, `error_count` are `__s32` (so a non-iso `number_of_packets` of
@@ -56,7 +62,7 @@ class IsoPacketDescriptor:
     status: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, unsafe_hash=True)  # not frozen: see the module docstring
 class CmdSubmit:
     """USBIP_CMD_SUBMIT: usbip_header_basic + usbip_header_cmd_submit, then the OUT transfer_buffer
     (transfer_buffer_length bytes; none for IN), then the iso packet descriptors.
@@ -86,7 +92,7 @@ class CmdSubmit:
         return self.number_of_packets > 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, unsafe_hash=True)  # not frozen: see the module docstring
 class RetSubmit:
     """USBIP_RET_SUBMIT: usbip_header_basic + usbip_header_ret_submit (+ 8 bytes of padding), then the IN
     transfer_buffer (actual_length bytes; none for OUT), then the iso packet descriptors.
@@ -111,7 +117,7 @@ class RetSubmit:
     iso_packet_descriptors: tuple[IsoPacketDescriptor, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, unsafe_hash=True)  # not frozen: see the module docstring
 class CmdUnlink:
     """USBIP_CMD_UNLINK: usbip_header_basic + usbip_header_cmd_unlink (+ 24 bytes of padding).
 
@@ -127,7 +133,7 @@ class CmdUnlink:
     unlink_seqnum: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, unsafe_hash=True)  # not frozen: see the module docstring
 class RetUnlink:
     """USBIP_RET_UNLINK: usbip_header_basic + usbip_header_ret_unlink (+ 24 bytes of padding).
 

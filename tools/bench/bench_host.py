@@ -1,24 +1,30 @@
-"""Benchmark of the userspace host reading a disk over USB/IP on loopback (a script, not a test).
+"""Benchmark of USB/IP disk reads on loopback: vusb's server and userspace host against the PyPI `usbip`
+package (0.7.0, the `bench` extra) and a minimal raw-socket client (a script, not a test).
 
-vusb's server runs in a child process (its own core) exporting a 64 MiB thumb drive filled with random
-data; this process reads all of it sequentially with READ(10) of 64 KiB, through:
+Two servers run in child processes (each on its own core, if there are two), exporting the same 64 MiB
+image of random data as a high-speed thumb drive: vusb's `UsbipServer` with `mass_storage_device`, and the
+PyPI package's `USBIP` transport with its `MSC` class (a file store doing one `pread` per command). This
+process reads the whole disk sequentially with READ(10) of 64 KiB through:
 
-  (a) vusb's userspace host (`emulator.host` + `emulator.msc_host`), in three shapes:
+  (a) vusb's userspace host (`emulator.host` + `emulator.msc_host`) ← vusb's server, in three shapes:
       a1    one URB in flight: CBW, wait; data (one 64 KiB URB), wait; CSW, wait — three round trips;
       a1p   the command's phases pipelined: CBW + one 64 KiB data URB + CSW submitted together, one
             round trip (3 URBs in flight);
       a8p   pipelined with the data phase split into 8 URBs of 8 KiB (10 URBs in flight).
       Bulk-Only Transport allows one command at a time per device (the next CBW only after the CSW), and
-      LUNs share that one pipe, so "N in flight" can only mean the URBs of one command; no shape overlaps
-      two commands.
+      LUNs share that one pipe, so "N in flight" can only mean the URBs of one command.
+  (b) the PyPI package's own host library (`usbip.open` + `MSCDriver.read_blocks`) ← its own server: one
+      blocking URB at a time (its client neither pipelines nor sets TCP_NODELAY).
   (c) a minimal raw-socket client: struct-built CMD_SUBMITs for CBW + data + CSW of each command sent in
-      one sendall, RET_SUBMITs parsed with struct into a preallocated buffer — no core, no asyncio.
+      one sendall, RET_SUBMITs parsed with struct into a preallocated buffer — no core, no asyncio — reading
+      vusb's server (c) and the PyPI server (c-pypi). This isolates the servers.
 
-It prints MiB/s for each (the fastest of --repeat runs), the ratio of each (a) to (c), checks that every reader got the same bytes, and
-the control-transfer round trip (GET_DESCRIPTOR(DEVICE), 18 bytes) p50/p99 for the host and the raw
-client.
+For each line it prints MiB/s (the fastest of --repeat runs) and the server's CPU time per command (all
+runs, from /proc/PID/stat, so threads count too), checks every reader got the image's bytes, and prints the
+ratios the targets are stated in. Then the control-transfer round trip (GET_DESCRIPTOR(DEVICE), 18 bytes)
+p50/p99 for each client.
 
-    .venv/bin/python tools/bench/bench_host.py [--size-mib 64] [--controls 2000]
+    .venv/bin/python tools/bench/bench_host.py [--size-mib 64] [--controls 2000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,19 +53,80 @@ from emulator.msc_host import MassStorage  # noqa: E402
 MIB = 1 << 20
 CHUNK = 64 * 1024
 
-_SERVER = textwrap.dedent("""
+_VUSB_SERVER = textwrap.dedent("""
     import asyncio, sys
     from emulator.server import UsbipServer
     from emulator.devices.mass_storage import mass_storage_device
 
     async def main():
-        server = UsbipServer([mass_storage_device(sys.argv[1])], host="127.0.0.1", port=0)
+        server = UsbipServer([mass_storage_device(sys.argv[1], read_only=True)], host="127.0.0.1", port=0)
         await server.start()
         print(server.port, flush=True)
         await server.serve_forever()
 
     asyncio.run(main())
 """)
+
+# The PyPI package's MSC class takes any object with block_size, num_blocks, read(lba, count) and
+# write(lba, count, data); this one preads the image, as vusb's ImageStore does.
+_PYPI_SERVER = textwrap.dedent("""
+    import os, socket, sys, threading
+    from usbip import core
+    from usbip.classes.device.msc import MSC
+    from usbip.device import USBDevice
+    from usbip.transport import USBIP
+
+    class ImageFile:
+        block_size = 512
+        read_only = True
+
+        def __init__(self, path):
+            self.fd = os.open(path, os.O_RDONLY)
+            self.num_blocks = os.fstat(self.fd).st_size // self.block_size
+
+        def read(self, lba, count):
+            return os.pread(self.fd, count * self.block_size, lba * self.block_size)
+
+        def write(self, lba, count, data):
+            raise OSError("read-only")
+
+    with socket.socket() as probe:  # the package binds a fixed port: find a free one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    device = USBDevice(0x1209, 0x0004, product="PyPI usbip disk", serial="0123456789AB")
+    device.set_speed(core.SPEED_HIGH)
+    device.add(MSC(ImageFile(sys.argv[1]), read_only=True))
+    device.plug(via=USBIP("127.0.0.1", port))
+    print(port, flush=True)
+    threading.Event().wait()
+""")
+
+
+class Server:
+    """A server in a child process, and the CPU time it has used (user + system, all threads)."""
+
+    def __init__(self, name: str, script: str, image: Path) -> None:
+        self.name = name
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", script, str(image)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {name} server did not start")
+        self.port = int(line)
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
 
 
 # -- (a) the vusb userspace host ------------------------------------------------------------------------------
@@ -85,6 +153,40 @@ async def host_controls(port: int, count: int) -> list[float]:
         return times
 
 
+# -- (b) the PyPI package's host library ----------------------------------------------------------------------
+
+
+def pypi_read(port: int, size: int) -> tuple[float, str]:
+    import usbip
+    from usbip.classes.host.msc import MSCDriver
+
+    driver = MSCDriver(usbip.open(busid="1-1", transport=usbip.USBIP("127.0.0.1", port)))
+    try:
+        digest = hashlib.sha256()
+        per = CHUNK // 512
+        start = time.perf_counter()
+        for lba in range(0, size // 512, per):
+            digest.update(driver.read_blocks(lba, per, 512))
+        return time.perf_counter() - start, digest.hexdigest()
+    finally:
+        driver.close()
+
+
+def pypi_controls(port: int, count: int) -> list[float]:
+    import usbip
+
+    handle = usbip.open(busid="1-1", transport=usbip.USBIP("127.0.0.1", port))
+    try:
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            handle.control(0x80, 0x06, 0x0100, 0, 18)
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        handle.close()
+
+
 # -- (c) the raw-socket client ---------------------------------------------------------------------------------
 
 _CMD = struct.Struct(">IIIIIIiiii8s")  # usbip_header_basic + cmd_submit
@@ -107,6 +209,16 @@ class RawClient:
         self.devid = busnum << 16 | devnum
         self.seqnum = 0
         self.buffer = bytearray(CHUNK + 64)
+        config = self.control(bytes.fromhex("8006000200000001"), 256)  # GET_DESCRIPTOR(CONFIGURATION)
+        self.ep_in, self.ep_out = 1, 1
+        at = 0
+        while at + 4 <= len(config) and config[at]:
+            if config[at + 1] == 5 and config[at + 3] & 3 == 2:  # a bulk endpoint
+                if config[at + 2] & 0x80:
+                    self.ep_in = config[at + 2] & 0x0F
+                else:
+                    self.ep_out = config[at + 2] & 0x0F
+            at += config[at]
         self.control(bytes.fromhex("0009010000000000"), 0)  # SET_CONFIGURATION(1)
 
     def recv(self, n: int, into: memoryview | None = None) -> memoryview:
@@ -141,7 +253,11 @@ class RawClient:
         length = blocks * 512
         cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
         cbw = _CBW.pack(0x43425355, tag, length, 0x80, 0, len(cdb), cdb)
-        self.sock.sendall(self.cmd(0, 1, 31, data=cbw) + self.cmd(1, 1, length) + self.cmd(1, 1, 13))
+        self.sock.sendall(
+            self.cmd(0, self.ep_out, 31, data=cbw)
+            + self.cmd(1, self.ep_in, length)
+            + self.cmd(1, self.ep_in, 13)
+        )
         status, _ = self.ret(is_in=False)
         data_status, data = self.ret(memoryview(self.buffer))
         sink.update(data)
@@ -188,10 +304,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=64, help="bytes to read, in MiB (default 64)")
     parser.add_argument("--controls", type=int, default=2000, help="control round trips to time")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each read; the fastest counts (the machine is shared and noisy)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each read; the fastest counts (the machine is shared and noisy)",
+    )
     args = parser.parse_args()
     size = args.size_mib * MIB
+    commands = size // CHUNK
 
     with tempfile.TemporaryDirectory(prefix="vusb-bench-") as tmp:
         image = Path(tmp) / "disk.img"
@@ -199,40 +320,86 @@ def main() -> None:
             for _ in range(args.size_mib):
                 f.write(os.urandom(MIB))
         expected = hashlib.sha256(image.read_bytes()).hexdigest()
-        server = subprocess.Popen([sys.executable, "-c", _SERVER, str(image)], stdout=subprocess.PIPE, text=True,
-                                  cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        servers: list[Server] = []
         try:
-            assert server.stdout is not None
-            port = int(server.stdout.readline())
-            print(f"vusb server (child process) on 127.0.0.1:{port}; reading {args.size_mib} MiB sequentially, "
-                  f"READ(10) of {CHUNK // 1024} KiB per command\n")
-            rows: list[tuple[str, float]] = []
-            for name, pipeline, urbs, what in (
-                    ("a1 ", False, 1, "vusb host, 1 URB in flight (CBW, data, CSW in turn)"),
-                    ("a1p", True, 1, "vusb host, phases pipelined (3 URBs in flight)"),
-                    ("a8p", True, 8, "vusb host, pipelined, data in 8 URBs (10 in flight)")):
+            vusb = Server("vusb", _VUSB_SERVER, image)
+            servers.append(vusb)
+            pypi = Server("PyPI usbip", _PYPI_SERVER, image)
+            servers.append(pypi)
+            print(
+                f"servers (child processes): vusb on 127.0.0.1:{vusb.port}, PyPI usbip 0.7.0 on "
+                f"127.0.0.1:{pypi.port}; reading {args.size_mib} MiB sequentially, READ(10) of "
+                f"{CHUNK // 1024} KiB per command\n"
+            )
+            print(f"{'':6s}{'reader ← server':58s}{'MiB/s':>8s}   server CPU/command")
+            rates: dict[str, float] = {}
+
+            def run(key: str, what: str, server: Server, read: Callable[[], tuple[float, str]]) -> None:
                 seconds = float("inf")
+                cpu = server.cpu()
                 for _ in range(args.repeat):
-                    took, digest = asyncio.run(host_read(port, size, pipeline=pipeline, urbs=urbs))
-                    assert digest == expected, f"{name}: read back the wrong bytes"
+                    took, digest = read()
+                    assert digest == expected, f"({key}): read back the wrong bytes"
                     seconds = min(seconds, took)
-                rows.append((name, size / MIB / seconds))
-                print(f"({name}) {what:55s} {size / MIB / seconds:8.1f} MiB/s")
-            seconds = float("inf")
-            for _ in range(args.repeat):
-                took, digest = raw_read(port, size)
-                assert digest == expected, "raw client: read back the wrong bytes"
-                seconds = min(seconds, took)
-            raw = size / MIB / seconds
-            print(f"(c)   {'raw-socket client, phases pipelined (struct, no core)':55s} {raw:8.1f} MiB/s\n")
-            for name, rate in rows:
-                print(f"ratio ({name.strip()}) / (c) = {rate / raw:.2f}")
+                per_command = (server.cpu() - cpu) / (args.repeat * commands) * 1e6
+                rates[key] = size / MIB / seconds
+                print(f"({key + ')':5s} {what:58s}{rates[key]:8.1f}   {per_command:6.0f} µs")
+
+            for key, pipeline, urbs, what in (
+                ("a1", False, 1, "vusb host, 1 URB in flight ← vusb server"),
+                ("a1p", True, 1, "vusb host, phases pipelined (3 in flight) ← vusb server"),
+                ("a8p", True, 8, "vusb host, pipelined, data in 8 URBs ← vusb server"),
+            ):
+                run(
+                    key,
+                    what,
+                    vusb,
+                    lambda p=pipeline, u=urbs: asyncio.run(host_read(vusb.port, size, pipeline=p, urbs=u)),
+                )
+            run("b", "PyPI usbip host library ← PyPI usbip server", pypi, lambda: pypi_read(pypi.port, size))
+            run("c", "raw-socket client, pipelined ← vusb server", vusb, lambda: raw_read(vusb.port, size))
+            run(
+                "c-py",
+                "raw-socket client, pipelined ← PyPI usbip server",
+                pypi,
+                lambda: raw_read(pypi.port, size),
+            )
+
+            best_a = max(rates["a1"], rates["a1p"], rates["a8p"])
             print()
-            print(f"control round trip, vusb host:        {percentiles(asyncio.run(host_controls(port, args.controls)))}")
-            print(f"control round trip, raw-socket client: {percentiles(raw_controls(port, args.controls))}")
+            print(
+                f"servers, same raw client:    vusb ÷ PyPI usbip     (c) / (c-py) = "
+                f"{rates['c'] / rates['c-py']:.2f}   (target ≥ 1.2)"
+            )
+            for key in ("a1", "a1p", "a8p"):
+                print(
+                    f"vusb host vs raw client:     ({key}) / (c){'':{12 - len(key)}s}= {rates[key] / rates['c']:.2f}"
+                    f"{'   (target ≥ 0.8 for the best)' if rates[key] == best_a else ''}"
+                )
+            print(
+                f"host stacks, each its own:   best (a) / (b)        = {best_a / rates['b']:.2f}   "
+                "(target ≥ 2)"
+            )
+            print()
+            print(
+                f"control round trip, vusb host ← vusb server:        "
+                f"{percentiles(asyncio.run(host_controls(vusb.port, args.controls)))}"
+            )
+            print(
+                f"control round trip, PyPI host ← PyPI server:        "
+                f"{percentiles(pypi_controls(pypi.port, args.controls))}"
+            )
+            print(
+                f"control round trip, raw client ← vusb server:       "
+                f"{percentiles(raw_controls(vusb.port, args.controls))}"
+            )
+            print(
+                f"control round trip, raw client ← PyPI usbip server: "
+                f"{percentiles(raw_controls(pypi.port, args.controls))}"
+            )
         finally:
-            server.kill()
-            server.wait(10)
+            for server in servers:
+                server.stop()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Sequential read through the kernel's vhci-hcd: vusb's USB/IP server vs the kernel's own usbip-host.
 
-Both run in one boot of the kernel VM (QEMU/TCG), on the same 64 MiB image:
+All three run in one boot of the kernel VM (QEMU/TCG), on the same 64 MiB image:
   reference  configfs f_mass_storage gadget on dummy_udc → usbip-host (usbipd + usbip bind) → 127.0.0.1 → vhci
   vusb       `vusb serve --disk IMAGE --read-only` (its own process) → 127.0.0.1 → vhci
+  PyPI       the PyPI `usbip` package (0.7.0, the `bench` extra): its `MSC` class on a file store that preads
+             the image, served by its `USBIP` transport (its own process) → 127.0.0.1 → vhci
 The guest reads the whole disk with O_DIRECT 1 MiB reads (like `dd bs=1M iflag=direct`), several rounds,
-verifies the bytes against the image (sha256), and the ratio vusb ÷ kernel is printed (target ≥ 1.3).
+verifies the bytes against the image (sha256), and the ratios vusb ÷ kernel (target ≥ 1.3) and vusb ÷ PyPI
+are printed. A missing PyPI package skips its line.
 
 Run from the repository root: `.venv/bin/python tools/bench/bench_server_vm.py [--size-mb 64] [--rounds 3]`.
 """
@@ -82,27 +85,68 @@ def guest_main(size_mb: int, rounds: int) -> dict[str, object]:
                 results["kernel_mb_s"] = measure(str(disk.dev), size, rounds, expected)
             guest.wait_for_disk_gone("vhci_hcd")
 
-    port = 3300
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "emulator.cli",
-            "serve",
-            "--disk",
-            str(image),
-            "--read-only",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    vusb = [
+        sys.executable,
+        "-m",
+        "emulator.cli",
+        "serve",
+        "--disk",
+        str(image),
+        "--read-only",
+        "--port",
+        "3300",
+    ]
+    results["vusb_mb_s"] = measure_server(vusb, 3300, size, rounds, expected)
+    try:
+        import usbip  # noqa: F401  (only to know whether the PyPI package is installed)
+    except ImportError:
+        results["pypi_missing"] = True
+    else:
+        pypi = [sys.executable, "-c", _PYPI_SERVER, str(image), "3301"]
+        results["pypi_mb_s"] = measure_server(pypi, 3301, size, rounds, expected)
+    return results
+
+
+# The PyPI package's MSC class takes any object with block_size, num_blocks, read(lba, count), write(...).
+_PYPI_SERVER = """
+import os, sys, threading
+from usbip import core
+from usbip.classes.device.msc import MSC
+from usbip.device import USBDevice
+from usbip.transport import USBIP
+
+class ImageFile:
+    block_size = 512
+    read_only = True
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.num_blocks = os.fstat(self.fd).st_size // self.block_size
+
+    def read(self, lba, count):
+        return os.pread(self.fd, count * self.block_size, lba * self.block_size)
+
+    def write(self, lba, count, data):
+        raise OSError("read-only")
+
+device = USBDevice(0x1209, 0x0004, product="PyPI usbip disk", serial="0123456789AB")
+device.set_speed(core.SPEED_HIGH)
+device.add(MSC(ImageFile(sys.argv[1]), read_only=True))
+device.plug(via=USBIP("127.0.0.1", int(sys.argv[2])))
+threading.Event().wait()
+"""
+
+
+def measure_server(argv: list[str], port: int, size: int, rounds: int, expected: str) -> list[float]:
+    """Start a userspace USB/IP server (its own process), attach its 1-1 through vhci, measure, detach."""
+    from tools.vm import guest
+
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         guest.wait_for_tcp("127.0.0.1", port, timeout=120)
         with guest.usbip_attached("127.0.0.1", "1-1", port=port):
             disk = guest.wait_for_disk("vhci_hcd", timeout=60)
-            results["vusb_mb_s"] = measure(str(disk.dev), size, rounds, expected)
+            speeds = measure(str(disk.dev), size, rounds, expected)
         guest.wait_for_disk_gone("vhci_hcd")
     finally:
         server.terminate()
@@ -110,7 +154,7 @@ def guest_main(size_mb: int, rounds: int) -> dict[str, object]:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-    return results
+    return speeds
 
 
 def report(results: dict[str, object]) -> float:
@@ -124,7 +168,16 @@ def report(results: dict[str, object]) -> float:
         f"  kernel usbip-host + f_mass_storage → vhci: {kernel:7.1f} MB/s  (rounds {results['kernel_mb_s']})"
     )
     print(f"  vusb server → vhci:                        {vusb:7.1f} MB/s  (rounds {results['vusb_mb_s']})")
+    if "pypi_mb_s" in results:
+        pypi = statistics.median(results["pypi_mb_s"])  # type: ignore[arg-type]
+        print(
+            f"  PyPI usbip 0.7.0 server → vhci:            {pypi:7.1f} MB/s  (rounds {results['pypi_mb_s']})"
+        )
     print(f"  ratio vusb ÷ kernel: {ratio:.2f}  (target ≥ 1.3)")
+    if "pypi_mb_s" in results:
+        print(f"  ratio vusb ÷ PyPI:   {vusb / pypi:.2f}   (PyPI ÷ kernel: {pypi / kernel:.2f})")
+    else:
+        print("  PyPI usbip server: not measured (pip install '.[bench]' for the comparison)")
     return ratio
 
 
