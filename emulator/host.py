@@ -110,6 +110,10 @@ ETIMEDOUT: Final = 110
 """Linux's ETIMEDOUT, what usb_start_wait_urb() reports for a URB killed by its timeout."""
 
 _SOCKET_BUFFER = 4 << 20
+_NO_SETUP = bytes(8)
+# Plain ints: `|` with an IntFlag member runs enum.py's Python code, once per URB.
+_URB_DIR_IN = int(USBIP_URB_DIR_IN)
+_URB_ISO_ASAP = int(URB_ISO_ASAP)
 _READ_BUFFER = 1 << 20
 _WRITE_HIGH_WATER = 1 << 20
 _CONNECTION_IDS = itertools.count(1)  # a tap's connection ids, unique in the process
@@ -229,10 +233,13 @@ class IsoPacketResult:
     data: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class UrbResult:
     """What the server reported for one URB. `unlinked` is True when a CMD_UNLINK cancelled it (then
-    `status` is the RET_UNLINK's, normally -ECONNRESET, and no data came back)."""
+    `status` is the RET_UNLINK's, normally -ECONNRESET, and no data came back).
+
+    A value, though not frozen: one is made per URB, and a frozen dataclass's `object.__setattr__` per
+    field would cost more than decoding the RET_SUBMIT it reports."""
 
     status: int
     actual_length: int = 0
@@ -457,6 +464,25 @@ class _Link(asyncio.BufferedProtocol):
                 self.transport.abort()
 
 
+class _Batch:
+    """`RemoteDevice.batched()`: sends inside leave in one write when the block ends."""
+
+    __slots__ = ("_link", "_scheduled")
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+        self._scheduled = False
+
+    def __enter__(self) -> None:
+        link = self._link
+        self._scheduled = link._flush_scheduled
+        link._flush_scheduled = True  # send() schedules no end-of-turn flush meanwhile
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._scheduled:  # otherwise the flush already scheduled writes it
+            self._link.flush()
+
+
 async def _connect(host: str, port: int, timeout: float | None, tap: Tap | SessionTap | None = None) -> _Link:
     loop = asyncio.get_running_loop()
     peer = f"{host}:{port}"
@@ -599,9 +625,8 @@ class RemoteDevice:
             isos: tuple[IsoPacketResult, ...] = ()
             if event.iso_packet_descriptors:
                 isos = self._iso_results(urb, event)
-            urb._finish(UrbResult(event.status, event.actual_length, event.transfer_buffer,
-                                  start_frame=event.start_frame, error_count=event.error_count,
-                                  iso_packets=isos))
+            urb._finish(UrbResult(event.status, event.actual_length, event.transfer_buffer, False,
+                                  event.start_frame, event.error_count, isos))  # positional: once per URB
         elif type(event) is RetUnlink:
             urb = self._unlinks.pop(event.seqnum, None)
             # Still pending: this RET_UNLINK finishes it (no RET_SUBMIT follows). Otherwise its RET_SUBMIT
@@ -681,9 +706,9 @@ class RemoteDevice:
         else:
             if setup is not None:
                 raise UnsupportedTransfer(f"endpoint {endpoint:#04x} is not a control endpoint: no SETUP")
-            setup_bytes = bytes(8)
+            setup_bytes = _NO_SETUP
         if direction == USBIP_DIR_IN:
-            transfer_flags |= USBIP_URB_DIR_IN  # vhci sends the URB's own direction flag
+            transfer_flags |= _URB_DIR_IN  # vhci sends the URB's own direction flag
         isos: tuple[IsoPacketDescriptor, ...] = ()
         lengths: tuple[int, ...] = ()
         if iso_packets is not None:
@@ -696,13 +721,13 @@ class RemoteDevice:
             for n in lengths[:-1]:
                 offsets.append(offsets[-1] + n)
             isos = tuple(IsoPacketDescriptor(offset=o, length=n) for o, n in zip(offsets, lengths, strict=True))
-            transfer_flags |= URB_ISO_ASAP
+            transfer_flags |= _URB_ISO_ASAP
         conn = link.conn
         seqnum = conn.next_seqnum()
+        # The codec only needs len() and the buffer protocol of an OUT payload.
         cmd = CmdSubmit(seqnum=seqnum, devid=self.devid, direction=direction, ep=number,
                         transfer_flags=transfer_flags, transfer_buffer_length=length,
                         number_of_packets=len(isos), interval=interval, setup=setup_bytes,
-                        # the codec only needs len() and the buffer protocol of an OUT payload
                         transfer_buffer=typing.cast(bytes, payload), iso_packet_descriptors=isos)
         future: asyncio.Future[UrbResult] = self._loop.create_future()
         urb = Urb(seqnum, endpoint, length, future, lengths)
@@ -761,6 +786,11 @@ class RemoteDevice:
             self._send_unlink(urb)
         return await asyncio.shield(urb.future)
 
+    def batched(self) -> contextlib.AbstractContextManager[None]:
+        """`with device.batched(): ...submit()...`: the URBs submitted in the block leave in one write when it
+        ends, rather than at the end of the event loop's turn (a turn of the loop less per batch)."""
+        return _Batch(self._link)
+
     async def wait(self, urb: Urb) -> UrbResult:
         """The result of `urb`. If the waiting task is cancelled, the URB is unlinked in the background."""
         future = urb.future
@@ -805,7 +835,8 @@ class RemoteDevice:
 
     async def _run(self, endpoint: int, data_or_length: bytes | bytearray | memoryview | int,
                    timeout: float | None, what: str | SetupPacket, setup: SetupPacket | None = None) -> UrbResult:
-        urb = self.submit(endpoint, data_or_length, setup=setup, timeout=timeout)
+        with self.batched():  # written now, not at the end of the turn: the wait below follows at once
+            urb = self.submit(endpoint, data_or_length, setup=setup, timeout=timeout)
         if not isinstance(data_or_length, int) and len(data_or_length) > _WRITE_HIGH_WATER:
             await self.drain()
         return self.check(urb, await self.wait(urb), what)

@@ -460,12 +460,13 @@ class MassStorage:
         flags = US_BULK_FLAG_IN if data_in else 0
         cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, flags, lun, len(cdb), cdb)
         quantum = self.max_packet_in
-        cbw_urb = self._submit(ep_out, cbw, timeout)
         data_urbs: list[Urb] = []
         csw_urb: Urb | None = None
-        if self.pipeline:
-            data_urbs = self._submit_data(data_in, data_out, quantum, timeout)
-            csw_urb = self._submit(ep_in, US_BULK_CS_WRAP_LEN, timeout)
+        with device.batched():  # the command's URBs in one write
+            cbw_urb = self._submit(ep_out, cbw, timeout)
+            if self.pipeline:
+                data_urbs = self._submit_data(data_in, data_out, quantum, timeout)
+                csw_urb = self._submit(ep_in, US_BULK_CS_WRAP_LEN, timeout)
         if len(data_out) >= _DRAIN_ABOVE:
             await device.drain()
         pending = [cbw_urb, *data_urbs, *([csw_urb] if csw_urb else [])]

@@ -66,6 +66,7 @@ USBIP_PORT = 3240
 _READ_SIZE = 1 << 18
 _HIGH_WATER = 4 << 20
 _IOV_MAX = 512
+_SEND_AT_ONCE = 16 << 10  # replies carrying this much data are sent before the next URB is handled
 
 # USB 2.0 11.24.2: hub class request SET_FEATURE(PORT_RESET) — bmRequestType 0x23 (class, other)
 _PORT_RESET_REQUEST = (0x23, 0x03, 4)
@@ -295,6 +296,11 @@ class _Session:
                     ret = self.dispatcher.submit(event)
                     if ret is not None:
                         out += conn.complete_iov(ret)
+                        if len(ret.transfer_buffer) >= _SEND_AT_ONCE:
+                            # A bulk payload leaves now: the client takes it in while the URBs behind it
+                            # (a CSW read) are answered, as a server answering URB by URB would let it.
+                            self._send(out)
+                            out = []
                     continue
                 if isinstance(event, ConnectionClosed):
                     self._send(out)

@@ -145,6 +145,13 @@ class Phase(enum.Enum):
     STATUS = "status"  # the CSW is ready on bulk IN
 
 
+# The members the transport tests on every transfer, as module names: on Python 3.11 `Phase.STATUS` goes
+# through EnumType.__getattr__, ten times the cost of a global.
+_COMMAND, _DATA_IN, _DATA_OUT, _STATUS = Phase.COMMAND, Phase.DATA_IN, Phase.DATA_OUT, Phase.STATUS
+_NONE, _IN, _OUT = Direction.NONE, Direction.IN, Direction.OUT
+_GOOD = ScsiStatus.GOOD
+
+
 class BulkOnlyTransport:
     """The device side of BOT: `bulk_out(data)` and `bulk_in(length)` for the two bulk endpoints,
     `mass_storage_reset()`, `clear_halt()`/`set_halt()` and `reset()` for ep0 and the port.
@@ -172,14 +179,14 @@ class BulkOnlyTransport:
         self._clear_command()
 
     def _clear_command(self) -> None:
-        self.phase = Phase.COMMAND
+        self.phase = _COMMAND
         self._cmd: Command | None = None
         self._tag = 0
         self._host_length = 0  # dCBWDataTransferLength
         self._host_left = 0  # data-out bytes the host has yet to send
         self._device_left = 0  # data bytes the device has yet to move
         self._moved = 0  # data bytes the device has processed (for dCSWDataResidue)
-        self._scsi_status = ScsiStatus.GOOD
+        self._scsi_status = _GOOD
         self._phase_error = False
         self._zlp_pending = False
 
@@ -253,9 +260,9 @@ class BulkOnlyTransport:
         """A bulk OUT transfer from the host: a CBW or data-out."""
         if self._out_halted:
             return STALL
-        if self.phase is Phase.COMMAND:
+        if self.phase is _COMMAND:
             reply = self._command_block(data)
-        elif self.phase is Phase.DATA_OUT:
+        elif self.phase is _DATA_OUT:
             reply = self._data_out(data)
         else:
             self._nak = True  # data-in or status pending: the next CBW has to wait for the CSW to go
@@ -283,7 +290,7 @@ class BulkOnlyTransport:
         """Decode the command and settle which of BOT §6.7's thirteen cases this is (`h`: the CBW's
         dCBWDataTransferLength)."""
         cmd = self.target.command(lun, cdb)
-        d = cmd.direction if cmd.length else Direction.NONE
+        d = cmd.direction if cmd.length else _NONE
         self._cmd, self._tag, self._host_length = cmd, tag, h
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -297,36 +304,36 @@ class BulkOnlyTransport:
                 cmd.length,
             )
         if h == 0:
-            if d is Direction.NONE:  # (1) Hn = Dn
+            if d is _NONE:  # (1) Hn = Dn
                 self._status(cmd.finish())
             else:  # (2) Hn < Di, (3) Hn < Do: the command is not run
-                self._status(ScsiStatus.GOOD, phase_error=True)
+                self._status(_GOOD, phase_error=True)
         elif flags & US_BULK_FLAG_IN:
-            if d is Direction.IN:  # (5) Hi > Di, (6) Hi = Di, (7) Hi < Di: send at most Hi, phase error
+            if d is _IN:  # (5) Hi > Di, (6) Hi = Di, (7) Hi < Di: send at most Hi, phase error
                 self._phase_error = cmd.length > h
                 self._device_left = min(cmd.length, h)
-                self.phase = Phase.DATA_IN
-            elif d is Direction.NONE:  # (4) Hi > Dn
+                self.phase = _DATA_IN
+            elif d is _NONE:  # (4) Hi > Dn
                 self._end_data_in(cmd.finish(), filled=True)
             else:  # (8) Hi <> Do: not run
                 self._phase_error = True
-                self._end_data_in(ScsiStatus.GOOD, filled=True)
+                self._end_data_in(_GOOD, filled=True)
         else:
             self._host_left = h
-            if d is Direction.OUT:  # (11) Ho > Do, (12) Ho = Do, (13) Ho < Do: take at most Ho, phase error
+            if d is _OUT:  # (11) Ho > Do, (12) Ho = Do, (13) Ho < Do: take at most Ho, phase error
                 self._phase_error = cmd.length > h
                 self._device_left = min(cmd.length, h)
-                self.phase = Phase.DATA_OUT
-            elif d is Direction.NONE:  # (9) Ho > Dn
+                self.phase = _DATA_OUT
+            elif d is _NONE:  # (9) Ho > Dn
                 self._refuse_data_out(cmd.finish())
             else:  # (10) Ho <> Di: not run
                 self._phase_error = True
-                self._refuse_data_out(ScsiStatus.GOOD)
+                self._refuse_data_out(_GOOD)
 
     def _status(self, scsi_status: ScsiStatus, *, phase_error: bool = False) -> None:
         self._scsi_status = scsi_status
         self._phase_error = self._phase_error or phase_error
-        self.phase = Phase.STATUS
+        self.phase = _STATUS
 
     def _end_data_in(self, scsi_status: ScsiStatus, *, filled: bool) -> None:
         """The device has sent all it will; the host wanted more if `_moved < H`. Then BOT §6.7.2 wants
@@ -348,7 +355,7 @@ class BulkOnlyTransport:
             self._out_halted = True
             self._status(scsi_status)
         else:
-            self.phase = Phase.DATA_OUT
+            self.phase = _DATA_OUT
 
     def _data_out(self, data: bytes | bytearray | memoryview) -> Reply:
         n = len(data)
@@ -387,9 +394,9 @@ class BulkOnlyTransport:
         """A bulk IN transfer of up to `length` bytes: data-in or the CSW."""
         if self._in_halted:
             return STALL
-        if self.phase is Phase.DATA_IN:
+        if self.phase is _DATA_IN:
             return self._data_in(length)
-        if self.phase is Phase.STATUS:
+        if self.phase is _STATUS:
             if self._zlp_pending:
                 self._zlp_pending = False
                 return Reply(data=b"")
@@ -414,7 +421,7 @@ class BulkOnlyTransport:
     def _send_csw(self, length: int) -> Reply:
         if self._phase_error:
             status = US_BULK_STAT_PHASE
-        elif self._scsi_status == ScsiStatus.GOOD:
+        elif self._scsi_status == _GOOD:
             status = US_BULK_STAT_OK
         else:
             status = US_BULK_STAT_FAIL

@@ -82,6 +82,13 @@ class ScsiStatus(enum.IntEnum):
     CHECK_CONDITION = 0x02
 
 
+# Members tested per command, as module names: on Python 3.11 `Opcode.READ_6` goes through
+# EnumType.__getattr__, ten times the cost of a global.
+_REQUEST_SENSE = Opcode.REQUEST_SENSE
+_SIX_BYTE_RW = (Opcode.READ_6, Opcode.WRITE_6)
+_GOOD = ScsiStatus.GOOD
+
+
 class SenseKey(enum.IntEnum):
     NO_SENSE = 0x0
     RECOVERED_ERROR = 0x1
@@ -218,7 +225,7 @@ class _BlockCommand(Command):
         if self._error is not None:
             self._unit.sense = self._error
             return ScsiStatus.CHECK_CONDITION
-        return ScsiStatus.GOOD
+        return _GOOD
 
 
 class _Read(_BlockCommand):
@@ -505,7 +512,7 @@ class ScsiTarget:
         if not 0 <= lun < len(self.units):
             return self._absent_lun(opcode, cdb)
         unit = self.units[lun]
-        if opcode != Opcode.REQUEST_SENSE:
+        if opcode != _REQUEST_SENSE:
             unit.sense = NO_SENSE
         if unit.unit_attention is not None and opcode not in (
             Opcode.INQUIRY,
@@ -691,7 +698,7 @@ class ScsiTarget:
     @staticmethod
     def _lba_and_count(cdb: bytes) -> tuple[int, int]:
         op = cdb[0]
-        if op in (Opcode.READ_6, Opcode.WRITE_6):
+        if op in _SIX_BYTE_RW:
             return int.from_bytes(cdb[1:4], "big") & 0x1FFFFF, cdb[4] or 256
         if op >> 5 in (1, 2):  # ten-byte CDBs
             return int.from_bytes(cdb[2:6], "big"), int.from_bytes(cdb[7:9], "big")

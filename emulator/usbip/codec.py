@@ -811,8 +811,46 @@ def _check_packets(
 
 
 def _iov_cmd_submit(m: CmdSubmit) -> list[bytes]:
-    name, seqnum = "USBIP_CMD_SUBMIT", m.seqnum
     tb = m.transfer_buffer
+    direction = m.direction
+    ep = m.ep
+    transfer_buffer_length = m.transfer_buffer_length
+    number_of_packets = m.number_of_packets
+    setup = m.setup
+    if (  # the usual non-iso command passes every check below: pack it straight away
+        (
+            len(tb) == transfer_buffer_length
+            if direction == USBIP_DIR_OUT
+            else direction == USBIP_DIR_IN and not tb
+        )
+        and type(ep) is int
+        and 0 <= ep <= 15
+        and type(transfer_buffer_length) is int
+        and transfer_buffer_length >= 0
+        and type(setup) is bytes
+        and len(setup) == 8
+        and (number_of_packets == 0 or number_of_packets == -1)
+        and not m.iso_packet_descriptors
+    ):
+        try:
+            header = _CMD_SUBMIT.pack(
+                USBIP_CMD_SUBMIT,
+                m.seqnum,
+                m.devid,
+                direction,
+                ep,
+                m.transfer_flags,
+                transfer_buffer_length,
+                m.start_frame,
+                number_of_packets,
+                m.interval,
+                setup,
+            )
+        except struct.error:
+            pass  # a field out of range: the full path below names it
+        else:
+            return [header, tb] if tb else [header]
+    name, seqnum = "USBIP_CMD_SUBMIT", m.seqnum
     if m.direction == USBIP_DIR_OUT:
         if len(tb) != m.transfer_buffer_length:
             raise LocalLengthMismatchError(
