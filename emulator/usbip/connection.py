@@ -205,56 +205,50 @@ class _Connection:
         """The next complete event from the peer, NEED_DATA, or ConnectionClosed once the peer has closed."""
         if self._error is not None:
             raise self._error
-        if self._phase is _CLOSED:
-            return ConnectionClosed()
-        if not self._buf and not self._eof:
-            return NEED_DATA  # what _next_event would say: the usual end of a batch, without the call
-        try:
-            event = self._next_event()
-        except RemoteProtocolError as error:
-            self._error = error
-            self._set_phase(Phase.ERROR)
-            raise
-        if event is not NEED_DATA and logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s received %r", self._role, event)
-        return event
-
-    def _next_event(self) -> Event | NeedData:
         buf = self._buf
         if not buf:
-            if self._eof:
-                self._set_phase(Phase.CLOSED)
+            if self._phase is _CLOSED:
                 return ConnectionClosed()
-            return NEED_DATA
+            if not self._eof:
+                return NEED_DATA  # the usual end of a batch
+            self._set_phase(Phase.CLOSED)
+            return ConnectionClosed()
         expect = self._expect
         if expect is None:
             return NEED_DATA  # our reply to the operation is due first
         base = self._base
-        if not expect:
-            raise self._nothing_expected(base)
-        message_type = peek_message_type(buf, 0, base, urb_phase=self._phase is _URB)
-        if message_type is None:
-            need = 4
-        elif message_type not in expect:
-            raise self._unexpected(message_type, expect, base)
-        else:
-            result = READERS[message_type](buf, 0, base, self.limits, self._direction_hook)
-            if type(result) is tuple:
-                message, consumed = result
-                del buf[:consumed]
-                self._base = base + consumed
-                self._received(message, base)
-                return message
-            assert isinstance(result, int)
-            need = result
-        if self._eof:
-            what = message_name(message_type) if message_type is not None else "a message"
-            raise TruncatedMessageError(
-                f"the {self._peer} closed the connection {len(buf)} bytes into {what} that needs at least "
-                f"{need} (stream offset {base + len(buf)})",
-                offset=base + len(buf),
-            )
-        return NEED_DATA
+        try:  # one function, not two: this runs once per message
+            if not expect:
+                raise self._nothing_expected(base)
+            message_type = peek_message_type(buf, 0, base, urb_phase=self._phase is _URB)
+            if message_type is None:
+                need = 4
+            elif message_type not in expect:
+                raise self._unexpected(message_type, expect, base)
+            else:
+                result = READERS[message_type](buf, 0, base, self.limits, self._direction_hook)
+                if type(result) is tuple:
+                    message, consumed = result
+                    del buf[:consumed]
+                    self._base = base + consumed
+                    self._received(message, base)
+                    if logger.isEnabledFor(logging.DEBUG):
+                        logger.debug("%s received %r", self._role, message)
+                    return message
+                assert isinstance(result, int)
+                need = result
+            if self._eof:
+                what = message_name(message_type) if message_type is not None else "a message"
+                raise TruncatedMessageError(
+                    f"the {self._peer} closed the connection {len(buf)} bytes into {what} that needs at least "
+                    f"{need} (stream offset {base + len(buf)})",
+                    offset=base + len(buf),
+                )
+            return NEED_DATA
+        except RemoteProtocolError as error:
+            self._error = error
+            self._set_phase(Phase.ERROR)
+            raise
 
     def _direction_of(self, seqnum: int) -> int:
         raise NotImplementedError

@@ -14,7 +14,8 @@ process reads the whole disk sequentially with READ(10) of 64 KiB through:
       Bulk-Only Transport allows one command at a time per device (the next CBW only after the CSW), and
       LUNs share that one pipe, so "N in flight" can only mean the URBs of one command.
   (b) the PyPI package's own host library (`usbip.open` + `MSCDriver.read_blocks`) ← its own server: one
-      blocking URB at a time (its client neither pipelines nor sets TCP_NODELAY).
+      blocking URB at a time (its client neither pipelines nor sets TCP_NODELAY); (b-nd) the same with
+      TCP_NODELAY set on its socket, to compare the host stacks rather than Nagle's algorithm.
   (c) a minimal raw-socket client: struct-built CMD_SUBMITs for CBW + data + CSW of each command sent in
       one sendall, RET_SUBMITs parsed with struct into a preallocated buffer — no core, no asyncio — reading
       vusb's server (c) and the PyPI server (c-pypi). This isolates the servers.
@@ -156,11 +157,26 @@ async def host_controls(port: int, count: int) -> list[float]:
 # -- (b) the PyPI package's host library ----------------------------------------------------------------------
 
 
-def pypi_read(port: int, size: int) -> tuple[float, str]:
+def pypi_transport(port: int, *, nodelay: bool = False) -> object:
+    """The PyPI package's TCP transport to 127.0.0.1:`port`; `nodelay` sets TCP_NODELAY on its socket, which
+    the package's client does not do (so every header sent apart from its payload waits out Nagle and
+    the server's delayed ACK)."""
+    import usbip
+
+    class NoDelay(usbip.USBIP):  # type: ignore[misc]
+        def connect(self) -> socket.socket:
+            sock = super().connect()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock  # type: ignore[no-any-return]
+
+    return (NoDelay if nodelay else usbip.USBIP)("127.0.0.1", port)
+
+
+def pypi_read(port: int, size: int, *, nodelay: bool = False) -> tuple[float, str]:
     import usbip
     from usbip.classes.host.msc import MSCDriver
 
-    driver = MSCDriver(usbip.open(busid="1-1", transport=usbip.USBIP("127.0.0.1", port)))
+    driver = MSCDriver(usbip.open(busid="1-1", transport=pypi_transport(port, nodelay=nodelay)))
     try:
         digest = hashlib.sha256()
         per = CHUNK // 512
@@ -357,6 +373,12 @@ def main() -> None:
                     lambda p=pipeline, u=urbs: asyncio.run(host_read(vusb.port, size, pipeline=p, urbs=u)),
                 )
             run("b", "PyPI usbip host library ← PyPI usbip server", pypi, lambda: pypi_read(pypi.port, size))
+            run(
+                "b-nd",
+                "PyPI usbip host, TCP_NODELAY set ← PyPI usbip server",
+                pypi,
+                lambda: pypi_read(pypi.port, size, nodelay=True),
+            )
             run("c", "raw-socket client, pipelined ← vusb server", vusb, lambda: raw_read(vusb.port, size))
             run(
                 "c-py",
@@ -380,6 +402,7 @@ def main() -> None:
                 f"host stacks, each its own:   best (a) / (b)        = {best_a / rates['b']:.2f}   "
                 "(target ≥ 2)"
             )
+            print(f"  the same, PyPI with NODELAY: best (a) / (b-nd)     = {best_a / rates['b-nd']:.2f}")
             print()
             print(
                 f"control round trip, vusb host ← vusb server:        "
