@@ -150,6 +150,7 @@ class Phase(enum.Enum):
 _COMMAND, _DATA_IN, _DATA_OUT, _STATUS = Phase.COMMAND, Phase.DATA_IN, Phase.DATA_OUT, Phase.STATUS
 _NONE, _IN, _OUT = Direction.NONE, Direction.IN, Direction.OUT
 _GOOD = ScsiStatus.GOOD
+_CBW_TAKEN = Reply(actual_length=US_BULK_CB_WRAP_LEN)
 
 
 class BulkOnlyTransport:
@@ -271,7 +272,8 @@ class BulkOnlyTransport:
         return reply
 
     def _command_block(self, data: bytes | bytearray | memoryview) -> Reply:
-        accepted = Reply(actual_length=len(data))  # the packet is taken; any stall comes afterwards
+        # The packet is taken; any stall comes afterwards. (A frozen constant for the usual 31 bytes.)
+        accepted = _CBW_TAKEN if len(data) == US_BULK_CB_WRAP_LEN else Reply(actual_length=len(data))
         try:
             tag, h, flags, lun, cdb = _decode_cbw(data)
         except MassStorageError as exc:
