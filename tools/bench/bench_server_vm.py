@@ -5,16 +5,19 @@ All three run in one boot of the kernel VM (QEMU/TCG), on the same 64 MiB image:
   vusb       `vusb serve --disk IMAGE --read-only` (its own process) → 127.0.0.1 → vhci
   PyPI       the PyPI `usbip` package (0.7.0, the `bench` extra): its `MSC` class on a file store that preads
              the image, served by its `USBIP` transport (its own process) → 127.0.0.1 → vhci
-The guest reads the whole disk with O_DIRECT 1 MiB reads (like `dd bs=1M iflag=direct`), several rounds,
-verifies the bytes against the image (sha256), and the ratios vusb ÷ kernel (target ≥ 1.3) and vusb ÷ PyPI
-are printed. A missing PyPI package skips its line.
+All are attached at once and each round reads every disk, the paths taking turns every 8 MiB, so a burst
+of load on the (shared) host slows all paths alike rather than whichever was being read. The guest reads the whole disk with O_DIRECT
+1 MiB reads (like `dd bs=1M iflag=direct`), verifies the bytes against the image (sha256), and the ratios
+vusb ÷ kernel (target ≥ 1.3) and vusb ÷ PyPI are printed as medians of the per-round ratios. A missing
+PyPI package skips its line.
 
-Run from the repository root: `.venv/bin/python tools/bench/bench_server_vm.py [--size-mb 64] [--rounds 3]`.
+Run from the repository root: `.venv/bin/python tools/bench/bench_server_vm.py [--size-mb 64] [--rounds 5]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import mmap
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,40 +35,44 @@ sys.path.insert(0, str(ROOT))
 CHUNK = 1 << 20
 
 
-def read_disk(dev: str, size: int) -> tuple[float, str]:
-    """Seconds to read `size` bytes of `dev` with O_DIRECT 1 MiB reads (like dd), and their sha256 (hashed
-    after the clock stops, so the guest CPU the hash needs does not count against either path)."""
-    buf = mmap.mmap(-1, size)
-    view = memoryview(buf)
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+SEGMENT = 8 << 20  # each round reads every path's disk in turns of this much
+
+
+def measure_round(devs: dict[str, str], size: int, expected: str) -> dict[str, float]:
+    """One round: every disk read whole with O_DIRECT 1 MiB reads (like dd), the paths taking turns every
+    SEGMENT bytes so that load on the shared host falls on all of them alike. MB/s per path; each path's
+    bytes are checked against the image's sha256 after its clock stopped."""
+    bufs = {name: mmap.mmap(-1, size) for name in devs}
+    views = {name: memoryview(buf) for name, buf in bufs.items()}
+    fds = {name: os.open(dev, os.O_RDONLY | os.O_DIRECT) for name, dev in devs.items()}
+    elapsed = dict.fromkeys(devs, 0.0)
     try:
-        start = time.perf_counter()
-        done = 0
-        while done < size:
-            n = os.readv(fd, [view[done : done + CHUNK]])
-            if n <= 0:
-                raise RuntimeError(f"short read from {dev} at {done}")
-            done += n
-        elapsed = time.perf_counter() - start
-        digest = hashlib.sha256(view).hexdigest()
+        for segment in range(0, size, SEGMENT):
+            for name, fd in fds.items():
+                view = views[name]
+                start = time.perf_counter()
+                done = segment
+                while done < min(segment + SEGMENT, size):
+                    n = os.preadv(fd, [view[done : done + CHUNK]], done)
+                    if n <= 0:
+                        raise RuntimeError(f"short read from {devs[name]} at {done}")
+                    done += n
+                elapsed[name] += time.perf_counter() - start
+        for name, view in views.items():
+            digest = hashlib.sha256(view).hexdigest()
+            if digest != expected:
+                raise RuntimeError(f"{devs[name]} ({name}): read back sha256 {digest} != image {expected}")
     finally:
-        os.close(fd)
-        view.release()
-        buf.close()
-    return elapsed, digest
-
-
-def measure(dev: str, size: int, rounds: int, expected: str) -> list[float]:
-    speeds = []
-    for _ in range(rounds):
-        elapsed, digest = read_disk(dev, size)
-        if digest != expected:
-            raise RuntimeError(f"{dev}: read back sha256 {digest} != image {expected}")
-        speeds.append(size / elapsed / 1e6)
-    return speeds
+        for fd in fds.values():
+            os.close(fd)
+        for name, view in views.items():
+            view.release()
+            bufs[name].close()
+    return {name: size / seconds / 1e6 for name, seconds in elapsed.items()}
 
 
 def guest_main(size_mb: int, rounds: int) -> dict[str, object]:
+    """All paths attached at once and read in turns (see `measure_round`)."""
     from tools.vm import guest
 
     size = size_mb << 20
@@ -72,38 +80,56 @@ def guest_main(size_mb: int, rounds: int) -> dict[str, object]:
     image = guest.make_backing_file(Path("/tmp/bench.img"), size)
     expected = guest.sha256_of(image)
     results: dict[str, object] = {"size_mb": size_mb, "rounds": rounds}
+    disks: dict[str, str] = {}
+
+    def attach(stack: contextlib.ExitStack, name: str, busid: str, port: int) -> None:
+        before = {d.dev for d in guest.block_disks() if "vhci_hcd" in d.sysfs_path}
+        stack.enter_context(guest.usbip_attached("127.0.0.1", busid, port=port))
+        disk = guest.wait_for_disk(lambda d: "vhci_hcd" in d.sysfs_path and d.dev not in before, timeout=60)
+        disks[name] = str(disk.dev)
 
     udc = guest.free_udc()
     hcd = guest.hcd_of_udc(udc)
-    with guest.mass_storage_gadget(image, udc, read_only=True) as gadget:
+    with contextlib.ExitStack() as stack:
+        gadget = stack.enter_context(guest.mass_storage_gadget(image, udc, read_only=True))
         dev = guest.wait_for_usb_device(gadget.vendor_id, gadget.product_id, under=hcd)
         guest.wait_for_disk(hcd, timeout=60)
-        with guest.usbipd() as daemon, guest.usbip_bound(dev.busid):
-            guest.wait_for_disk_gone(hcd)
-            with guest.usbip_attached("127.0.0.1", dev.busid, port=daemon.port):
-                disk = guest.wait_for_disk("vhci_hcd", timeout=60)
-                results["kernel_mb_s"] = measure(str(disk.dev), size, rounds, expected)
-            guest.wait_for_disk_gone("vhci_hcd")
+        daemon = stack.enter_context(guest.usbipd())
+        stack.enter_context(guest.usbip_bound(dev.busid))
+        guest.wait_for_disk_gone(hcd)
+        attach(stack, "kernel", dev.busid, daemon.port)
 
-    vusb = [
-        sys.executable,
-        "-m",
-        "emulator.cli",
-        "serve",
-        "--disk",
-        str(image),
-        "--read-only",
-        "--port",
-        "3300",
-    ]
-    results["vusb_mb_s"] = measure_server(vusb, 3300, size, rounds, expected)
-    try:
-        import usbip  # noqa: F401  (only to know whether the PyPI package is installed)
-    except ImportError:
-        results["pypi_missing"] = True
-    else:
-        pypi = [sys.executable, "-c", _PYPI_SERVER, str(image), "3301"]
-        results["pypi_mb_s"] = measure_server(pypi, 3301, size, rounds, expected)
+        vusb = [
+            sys.executable,
+            "-m",
+            "emulator.cli",
+            "serve",
+            "--disk",
+            str(image),
+            "--read-only",
+            "--port",
+            "3300",
+        ]
+        stack.enter_context(server_process(vusb, 3300))
+        attach(stack, "vusb", "1-1", 3300)
+        try:
+            import usbip  # noqa: F401  (only to know whether the PyPI package is installed)
+        except ImportError:
+            results["pypi_missing"] = True
+        else:
+            stack.enter_context(
+                server_process([sys.executable, "-c", _PYPI_SERVER, str(image), "3301"], 3301)
+            )
+            attach(stack, "pypi", "1-1", 3301)
+
+        for name in disks:
+            results[f"{name}_mb_s"] = []
+        for _ in range(rounds):
+            for name, speed in measure_round(disks, size, expected).items():
+                speeds = results[f"{name}_mb_s"]
+                assert isinstance(speeds, list)
+                speeds.append(speed)
+    guest.wait_for_disk_gone("vhci_hcd")
     return results
 
 
@@ -137,54 +163,63 @@ threading.Event().wait()
 """
 
 
-def measure_server(argv: list[str], port: int, size: int, rounds: int, expected: str) -> list[float]:
-    """Start a userspace USB/IP server (its own process), attach its 1-1 through vhci, measure, detach."""
+@contextlib.contextmanager
+def server_process(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A userspace USB/IP server in its own process, listening on `port` for the block; stopped after."""
     from tools.vm import guest
 
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         guest.wait_for_tcp("127.0.0.1", port, timeout=120)
-        with guest.usbip_attached("127.0.0.1", "1-1", port=port):
-            disk = guest.wait_for_disk("vhci_hcd", timeout=60)
-            speeds = measure(str(disk.dev), size, rounds, expected)
-        guest.wait_for_disk_gone("vhci_hcd")
+        yield server
     finally:
         server.terminate()
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-    return speeds
 
 
 def report(results: dict[str, object]) -> float:
-    kernel = statistics.median(results["kernel_mb_s"])  # type: ignore[arg-type]
-    vusb = statistics.median(results["vusb_mb_s"])  # type: ignore[arg-type]
-    ratio = vusb / kernel
+    """Medians per path, and the median of the per-round ratios (each round reads every path once, so a
+    round's ratio compares paths under the same load)."""
+    speeds: dict[str, list[float]] = {
+        name: results[f"{name}_mb_s"]  # type: ignore[misc]
+        for name in ("kernel", "vusb", "pypi")
+        if f"{name}_mb_s" in results
+    }
+    kernel, vusb = statistics.median(speeds["kernel"]), statistics.median(speeds["vusb"])
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(speeds[a], speeds[b], strict=True))
+
+    def rounds(name: str) -> str:
+        return ", ".join(f"{x:.1f}" for x in speeds[name])
+
     print(
-        f"sequential read, {results['size_mb']} MiB x {results['rounds']} rounds, O_DIRECT 1 MiB, in the TCG guest"
+        f"sequential read, {results['size_mb']} MiB x {results['rounds']} rounds (paths read in turn each round), "
+        "O_DIRECT 1 MiB, in the TCG guest"
     )
-    print(
-        f"  kernel usbip-host + f_mass_storage → vhci: {kernel:7.1f} MB/s  (rounds {results['kernel_mb_s']})"
-    )
-    print(f"  vusb server → vhci:                        {vusb:7.1f} MB/s  (rounds {results['vusb_mb_s']})")
-    if "pypi_mb_s" in results:
-        pypi = statistics.median(results["pypi_mb_s"])  # type: ignore[arg-type]
+    print(f"  kernel usbip-host + f_mass_storage → vhci: {kernel:7.1f} MB/s  (rounds {rounds('kernel')})")
+    print(f"  vusb server → vhci:                        {vusb:7.1f} MB/s  (rounds {rounds('vusb')})")
+    if "pypi" in speeds:
+        pypi = statistics.median(speeds["pypi"])
+        print(f"  PyPI usbip 0.7.0 server → vhci:            {pypi:7.1f} MB/s  (rounds {rounds('pypi')})")
+    vusb_kernel = ratio("vusb", "kernel")
+    print(f"  ratio vusb ÷ kernel: {vusb_kernel:.2f}  (median of per-round ratios; target ≥ 1.3)")
+    if "pypi" in speeds:
         print(
-            f"  PyPI usbip 0.7.0 server → vhci:            {pypi:7.1f} MB/s  (rounds {results['pypi_mb_s']})"
+            f"  ratio vusb ÷ PyPI:   {ratio('vusb', 'pypi'):.2f}   (PyPI ÷ kernel: {ratio('pypi', 'kernel'):.2f})"
         )
-    print(f"  ratio vusb ÷ kernel: {ratio:.2f}  (target ≥ 1.3)")
-    if "pypi_mb_s" in results:
-        print(f"  ratio vusb ÷ PyPI:   {vusb / pypi:.2f}   (PyPI ÷ kernel: {pypi / kernel:.2f})")
     else:
         print("  PyPI usbip server: not measured (pip install '.[bench]' for the comparison)")
-    return ratio
+    return vusb_kernel
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.guest:
