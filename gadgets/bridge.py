@@ -9,9 +9,12 @@ answered from its reply (a STALL stays a STALL); bulk and interrupt data move bo
 flight per endpoint (`gadgets.transfers` sizes them so no transfer is merged or split wrongly; Bulk-Only
 mass storage is framed from its CBWs).
 
-Two event loops meet here: the FunctionFS loop (its thread runs `BridgeFunction`, like every handler) and an
-asyncio loop on its own thread that owns the `RemoteDevice`. URBs are submitted with
-`loop.call_soon_threadsafe` and their results come back with `FunctionFs.call_soon`.
+One event loop runs it all: an asyncio loop on a thread of its own owns the `RemoteDevice`, and the gadget's
+FunctionFS is served from the same loop (`FunctionFs.run_on`). A CBW read from the gadget becomes a URB in
+the callback that received it, the data of a RET_SUBMIT is written to the gadget where it was decoded, and
+a control request is answered when its URB returns (a `PendingReply`): no thread hop anywhere, which
+matters because a hop between two busy Python threads waits for the GIL's switch interval (5 ms), and a
+Bulk-Only command makes several.
 
 What the host does that libcomposite keeps to itself reaches the remote as its effect: ENABLE (the host's
 SET_CONFIGURATION or SET_INTERFACE) sends SET_CONFIGURATION to the remote; DISABLE and UNBIND (host reset,
@@ -41,8 +44,8 @@ from emulator.host import (
     DeviceGone,
     HostError,
     RemoteDevice,
-    StallError,
     TransferError,
+    Urb,
     UrbResult,
     import_device,
 )
@@ -56,7 +59,7 @@ from emulator.usb.setup import (
     StandardRequest,
     TransferType,
 )
-from emulator.usbip.constants import EPIPE, USBIP_PORT
+from emulator.usbip.constants import EOVERFLOW, EPIPE, USBIP_PORT
 from gadgets.configfs import FunctionSpec, GadgetSpec
 from gadgets.ffs import (
     ESHUTDOWN,
@@ -67,6 +70,7 @@ from gadgets.ffs import (
     FunctionFs,
     FunctionFsError,
     FunctionFsGadget,
+    PendingReply,
     ffs_layout,
     report_lines,
 )
@@ -151,31 +155,19 @@ def bridge_spec(image: RemoteImage, name: str) -> GadgetSpec:
 # --- the remote side: an asyncio loop on its own thread ----------------------------------------------------------
 
 
-@dataclass
-class _Token:
-    """One URB as the FunctionFS side knows it; `urb` is filled in on the asyncio thread."""
-
-    endpoint: int
-    length: int = 0  # what an IN URB asked for
-    urb: Any = None
-    result: UrbResult | None = None
-    error: BaseException | None = None
-    done: bool = False
-    cancelled: bool = False
-
-
 class RemoteSide:
-    """The `RemoteDevice` and the event loop it lives on."""
+    """The `RemoteDevice` and the event loop it lives on; the gadget's FunctionFS is served on the same loop
+    (`FunctionFs.run_on`), so everything the bridge does happens on that one thread."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="bridge-remote", daemon=True)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="bridge", daemon=True)
         self._thread.start()
         self.remote: RemoteDevice | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     def run(self, coro: Any, timeout: float | None) -> Any:
-        """Run a coroutine on the remote loop and wait for it from another thread."""
+        """Run a coroutine on the loop and wait for it from another thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def open(self, host: str, busid: str, port: int) -> RemoteImage:
@@ -186,69 +178,9 @@ class RemoteSide:
         image: RemoteImage = self.run(go(), 60)
         return image
 
-    def submit(self, token: _Token, data_or_length: bytes | int, done: Callable[[_Token], None]) -> None:
-        """Submit one URB (from any thread); `done(token)` runs on the remote loop when it ends."""
-
-        def finish(future: asyncio.Future[UrbResult]) -> None:
-            if future.cancelled():
-                token.error = DeviceGone("the URB was cancelled")
-            elif future.exception() is not None:
-                token.error = future.exception()
-            else:
-                token.result = future.result()
-            token.done = True
-            done(token)
-
-        def go() -> None:
-            remote = self.remote
-            if token.cancelled or remote is None:
-                token.error, token.done = DeviceGone("bridge stopping"), True
-                done(token)
-                return
-            try:
-                token.urb = remote.submit(token.endpoint, data_or_length, timeout=None)
-            except HostError as exc:
-                token.error, token.done = exc, True
-                done(token)
-                return
-            token.urb.future.add_done_callback(finish)
-
-        self.loop.call_soon_threadsafe(go)
-
-    def cancel(self, token: _Token) -> None:
-        """Unlink the URB (from any thread); its result still comes, marked unlinked."""
-        token.cancelled = True
-
-        def go() -> None:
-            if token.urb is not None and self.remote is not None and not token.urb.done():
-                self.remote.cancel(token.urb)
-
-        self.loop.call_soon_threadsafe(go)
-
-    def request(self, setup: SetupPacket, data: bytes, timeout: float = CONTROL_TIMEOUT) -> Reply:
-        """A control transfer at the remote, from the FunctionFS thread: its data, or STALL."""
-        remote = self.remote
-        if remote is None:
-            return STALL
-        try:
-            answer = self.run(remote.request(setup, data, timeout=timeout), timeout + 2)
-        except DeviceGone:
-            raise
-        except StallError:
-            return STALL
-        except TransferError as exc:
-            log.warning("%s at the remote: %s; answering STALL", setup, exc)
-            return STALL
-        except TimeoutError:
-            log.warning("%s: no answer from the remote within %g s; answering STALL", setup, timeout)
-            return STALL
-        if isinstance(answer, bytes):
-            return Reply(data=answer)
-        return Reply(actual_length=answer)
-
     def watch(self, on_lost: Callable[[str], None], interval: float = 0.5) -> None:
-        """Call `on_lost(reason)` (on the remote loop) once the connection to the remote is gone, even when
-        no URB is pending to fail with it (a deconfigured bridge has none)."""
+        """Call `on_lost(reason)` (on the loop) once the connection to the remote is gone, even when no URB
+        is pending to fail with it (a deconfigured bridge has none)."""
         remote = self.remote
         if remote is None:
             return
@@ -264,7 +196,7 @@ class RemoteSide:
         self.loop.call_soon_threadsafe(start)
 
     def background(self, coro: Any, done: Callable[[BaseException | None], None]) -> None:
-        """Run `coro` on the remote loop without waiting; `done(error)` on the remote loop after."""
+        """Run `coro` on the loop without waiting; `done(error)` on the loop after."""
 
         async def go() -> None:
             try:
@@ -297,6 +229,20 @@ class RemoteSide:
 # --- the FunctionFS side ---------------------------------------------------------------------------------------
 
 
+class _Token:
+    """One URB at the remote as its pipe knows it."""
+
+    __slots__ = ("cancelled", "done", "error", "length", "result", "urb")
+
+    def __init__(self, length: int) -> None:
+        self.length = length  # what an IN URB asked for
+        self.urb: Urb | None = None
+        self.result: UrbResult | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.cancelled = False
+
+
 @dataclass
 class _Pipe:
     ep: FfsEndpoint
@@ -305,10 +251,18 @@ class _Pipe:
     pending: deque[bytes] = field(default_factory=deque)  # OUT: read from the gadget, not yet submitted
     halt_pending: bool = False  # IN: halt the gadget endpoint once its queued writes are gone
     clearing: bool = False  # CLEAR_FEATURE(ENDPOINT_HALT) on its way to the remote
+    partners: tuple[_Pipe, ...] = ()  # OUT: the IN pipes of its interface (a CBW plans their transfers)
+    is_in: bool = False  # of `ep`, kept plain: looked at several times per URB
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        self.is_in, self.index = self.ep.is_in, self.ep.index
 
 
 class BridgeFunction:
-    """The `FunctionFsHandler` that forwards everything to the remote (runs on the FunctionFS thread)."""
+    """The `FunctionFsHandler` that forwards everything to the remote. It runs on the remote's loop (the
+    FunctionFS side is served there too): a URB is submitted where the gadget transfer that asks for it
+    completes, and its result is written to the gadget where the RET_SUBMIT is decoded."""
 
     def __init__(self, remote: RemoteSide, image: RemoteImage, layout: FfsLayout, *, depth: int = 8,
                  on_failure: Callable[[str], None] | None = None) -> None:
@@ -329,7 +283,7 @@ class BridgeFunction:
     def attach(self, ffs: FunctionFs) -> None:
         self.ffs = ffs
         self._build_pipes(self.image.speed)
-        self.remote.watch(lambda why: ffs.call_soon(lambda: self._fail(f"the remote device went away: {why}")))
+        self.remote.watch(lambda why: self._fail(f"the remote device went away: {why}"))
 
     def _build_pipes(self, speed: Speed) -> None:
         speed = Speed.FULL if speed is Speed.LOW else min(speed, Speed.SUPER)
@@ -344,6 +298,10 @@ class BridgeFunction:
             else:
                 sizer = PacketSizer(packet, in_size=packet, depth=self.depth)
             self._pipes[ep.index] = _Pipe(ep, sizer)
+        for pipe in self._pipes.values():
+            if not pipe.is_in:
+                pipe.partners = tuple(other for other in self._pipes.values()
+                                      if other.is_in and other.ep.interface == pipe.ep.interface)
 
     def _bot_sizer(self, interface: int, packet: int) -> TransferSizer:
         """One BulkOnlySizer per BOT interface, shared by its IN and OUT pipes (the CBW plans the IN side)."""
@@ -359,13 +317,7 @@ class BridgeFunction:
             self._build_pipes(ffs.speed or self.image.speed)
             self._report()
             self.active = False  # until the remote is configured too
-            value = self.configuration_value
-
-            def configured(error: BaseException | None) -> None:
-                ffs.call_soon(lambda: self._configured(error))
-
-            assert self.remote.remote is not None
-            self.remote.background(self.remote.remote.set_configuration(value), configured)
+            self.remote.background(self._device.set_configuration(self.configuration_value), self._configured)
         elif event in (FfsEvent.DISABLE, FfsEvent.UNBIND):
             if self.active:
                 log.info("local host %s: unlinking the URBs at the remote",
@@ -385,28 +337,54 @@ class BridgeFunction:
             self.active = True
             self.pump()
 
-    def control(self, setup: SetupPacket, data: bytes) -> Reply:
+    def control(self, setup: SetupPacket, data: bytes) -> PendingReply:
+        """Forward the request as a control URB; the answer is the remote's (a STALL stays a STALL)."""
+        answer = PendingReply()
+        if self.failure is not None or self.remote.remote is None:
+            answer.resolve(STALL)
+            return answer
         if (setup.type is RequestType.CLASS and setup.recipient == Recipient.INTERFACE
                 and setup.request == US_BULK_RESET_REQUEST):
             self._restart_interface(setup.index & 0xFF)  # no stale URB may catch the next command's data
         try:
-            reply = self.remote.request(setup, data)
-        except DeviceGone as exc:
+            urb = self._device.submit(0x80 if setup.is_in else 0x00, setup.length if setup.is_in else data,
+                                      setup=setup, timeout=CONTROL_TIMEOUT)
+        except HostError as exc:
             self._fail(f"the remote device went away: {exc}")
-            return STALL
-        if (setup.type is RequestType.STANDARD and setup.recipient == Recipient.ENDPOINT
+            answer.resolve(STALL)
+            return answer
+        urb.future.add_done_callback(functools.partial(self._control_done, setup, urb, answer))
+        return answer
+
+    def _control_done(self, setup: SetupPacket, urb: Urb, answer: PendingReply,
+                      future: asyncio.Future[UrbResult]) -> None:
+        reply = STALL
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or isinstance(error, DeviceGone):
+            self._fail(f"the remote device went away: {error or 'the URB was cancelled'}")
+        elif error is not None:
+            log.warning("%s at the remote: %s; answering STALL", setup, error)
+        else:
+            result = future.result()
+            if result.unlinked and urb.timed_out:
+                log.warning("%s: no answer from the remote within %g s; answering STALL", setup, CONTROL_TIMEOUT)
+            elif result.status == 0 and not result.unlinked:
+                reply = Reply(data=result.data) if setup.is_in else Reply(actual_length=result.actual_length)
+            elif result.status != -EPIPE:
+                log.warning("%s at the remote ended with status %d; answering STALL", setup, result.status)
+        if (reply is not STALL and setup.type is RequestType.STANDARD and setup.recipient == Recipient.ENDPOINT
                 and setup.request == StandardRequest.CLEAR_FEATURE and setup.value == FeatureSelector.ENDPOINT_HALT):
             ep = self.layout.endpoint_by_address(setup.index & 0xFF)
             if ep is not None:
                 self._pipes[ep.index].halt_pending = False
-        self._ffs.wake()
-        return reply
+        answer.resolve(reply)
+        self.pump()
 
     def pump(self) -> None:
         if not self.active:
             return
         for pipe in self._pipes.values():
-            if pipe.ep.is_in:
+            if pipe.is_in:
                 self._pump_in(pipe)
             else:
                 self._pump_out(pipe)
@@ -426,20 +404,30 @@ class BridgeFunction:
             raise RuntimeError("BridgeFunction is not attached to a FunctionFs")
         return self.ffs
 
+    @property
+    def _device(self) -> RemoteDevice:
+        if self.remote.remote is None:
+            raise RuntimeError("the remote device is not open")
+        return self.remote.remote
+
     def _fail(self, why: str) -> None:
         if self.failure is None:
             self.failure = why
-            log.error("%s", why)
+            log.info("bridge stopping: %s", why)  # the owner reports it (`vusb attach`: its one error line)
             self.active = False
             if self.on_failure is not None:
                 self.on_failure(why)
             self._ffs.stop()
 
+    def _cancel(self, token: _Token) -> None:
+        token.cancelled = True
+        if not token.done and token.urb is not None and self.remote.remote is not None:
+            self.remote.remote.cancel(token.urb)
+
     def _cancel_all(self) -> None:
         for pipe in self._pipes.values():
             for token in pipe.urbs:
-                if not token.done:
-                    self.remote.cancel(token)
+                self._cancel(token)
             pipe.pending.clear()
             pipe.halt_pending = False
             pipe.sizer.reset()
@@ -448,51 +436,71 @@ class BridgeFunction:
         for pipe in self._pipes.values():
             if pipe.ep.interface == interface:
                 for token in pipe.urbs:
-                    if not token.done:
-                        self.remote.cancel(token)
+                    self._cancel(token)
                 pipe.pending.clear()
                 pipe.sizer.reset()
 
     def _submit(self, pipe: _Pipe, data_or_length: bytes | int) -> None:
-        token = _Token(pipe.ep.address, data_or_length if isinstance(data_or_length, int) else 0)
+        """Send one URB now (it leaves with whatever else this turn of the loop submits)."""
+        token = _Token(data_or_length if isinstance(data_or_length, int) else 0)
         pipe.urbs.append(token)
-        ffs = self._ffs
-        self.remote.submit(token, data_or_length, lambda t: ffs.call_soon(lambda: self._urb_done(pipe, t)))
+        try:
+            urb = self._device.submit(pipe.ep.address, data_or_length, timeout=None)
+        except HostError as exc:
+            token.error, token.done = exc, True
+            self.remote.loop.call_soon(self._urb_done, pipe)
+            return
+        token.urb = urb
+        urb.future.add_done_callback(functools.partial(self._urb_finished, pipe, token))
 
-    def _urb_done(self, pipe: _Pipe, token: _Token) -> None:
-        """A URB ended: hand on results in submission order (the remote completes an endpoint's in order)."""
-        while pipe.urbs and pipe.urbs[0].done:
-            head = pipe.urbs.popleft()
-            self._result(pipe, head)
-        self.pump()
+    def _urb_finished(self, pipe: _Pipe, token: _Token, future: asyncio.Future[UrbResult]) -> None:
+        if future.cancelled():
+            token.error = DeviceGone("the URB was cancelled")
+        else:
+            token.error = future.exception()
+            if token.error is None:
+                token.result = future.result()
+        token.done = True
+        self._urb_done(pipe)
+
+    def _urb_done(self, pipe: _Pipe) -> None:
+        """Hand on results in submission order (the remote completes an endpoint's URBs in order)."""
+        urbs = pipe.urbs
+        while urbs and urbs[0].done:
+            self._result(pipe, urbs.popleft())
+        if pipe.is_in:
+            self._pump_in(pipe)
+        else:
+            self._pump_out(pipe)
 
     def _result(self, pipe: _Pipe, token: _Token) -> None:
         error = token.error
-        if isinstance(error, DeviceGone):
-            if not token.cancelled:
-                self._fail(f"the remote device went away: {error}")
-            return
         if error is not None:
-            log.warning("URB on %#04x failed: %s", pipe.ep.address, error)
+            if isinstance(error, DeviceGone):
+                if not token.cancelled:
+                    self._fail(f"the remote device went away: {error}")
+            else:
+                log.warning("URB on %#04x failed: %s", pipe.ep.address, error)
             return
         result = token.result
         assert result is not None
         if result.unlinked or token.cancelled:
             return
-        if result.status == -EPIPE:
-            if pipe.ep.is_in:
+        status = result.status
+        if status == -EPIPE:
+            if pipe.is_in:
                 pipe.sizer.in_stalled(token.length)
             if not (pipe.halt_pending or pipe.clearing):  # URBs queued behind a stalled one fail too
                 self._remote_halted(pipe)
             return
-        if result.status not in (0, -75):  # -EOVERFLOW: forward what came
-            log.warning("URB on %#04x ended with status %d", pipe.ep.address, result.status)
-            if result.status == -ESHUTDOWN:
-                self._fail(f"the remote device shut down (status {result.status})")
+        if status and status != -EOVERFLOW:  # -EOVERFLOW: forward what came
+            log.warning("URB on %#04x ended with status %d", pipe.ep.address, status)
+            if status == -ESHUTDOWN:
+                self._fail(f"the remote device shut down (status {status})")
             return
-        if pipe.ep.is_in:
+        if pipe.is_in:
             pipe.sizer.in_done(result.data)
-            if self.active and not self._ffs.write(pipe.ep.index, result.data,
+            if self.active and not self._ffs.write(pipe.index, result.data,
                                                    functools.partial(self._write_done, pipe)):
                 log.debug("IN %#04x: %d bytes not queued on the gadget", pipe.ep.address, len(result.data))
 
@@ -500,28 +508,22 @@ class BridgeFunction:
         """The remote STALLed: the local host sees it once, the remote is cleared right away."""
         address = pipe.ep.address
         log.debug("remote halted %#04x", address)
-        if pipe.ep.is_in:
+        if pipe.is_in:
             pipe.halt_pending = True
         else:
-            self._ffs.halt(pipe.ep.index)
+            self._ffs.halt(pipe.index)
             pipe.pending.clear()
         pipe.clearing = True
-        remote = self.remote.remote
-        assert remote is not None
-        ffs = self._ffs
 
         def cleared(error: BaseException | None) -> None:
-            def back() -> None:
-                pipe.clearing = False
-                if isinstance(error, DeviceGone):
-                    self._fail(f"the remote device went away: {error}")
-                elif error is not None:
-                    log.warning("CLEAR_FEATURE(ENDPOINT_HALT) %#04x at the remote: %s", address, error)
-                self.pump()
+            pipe.clearing = False
+            if isinstance(error, DeviceGone):
+                self._fail(f"the remote device went away: {error}")
+            elif error is not None:
+                log.warning("CLEAR_FEATURE(ENDPOINT_HALT) %#04x at the remote: %s", address, error)
+            self.pump()
 
-            ffs.call_soon(back)
-
-        self.remote.background(remote.clear_halt(address), cleared)
+        self.remote.background(self._device.clear_halt(address), cleared)
 
     def _write_done(self, pipe: _Pipe, status: int) -> None:
         if status < 0 and status != -ESHUTDOWN:
@@ -530,7 +532,7 @@ class BridgeFunction:
 
     def _pump_in(self, pipe: _Pipe) -> None:
         ffs = self._ffs
-        index = pipe.ep.index
+        index = pipe.index
         if pipe.halt_pending:
             if ffs.in_flight(index):
                 return
@@ -546,7 +548,7 @@ class BridgeFunction:
 
     def _pump_out(self, pipe: _Pipe) -> None:
         ffs = self._ffs
-        index = pipe.ep.index
+        index = pipe.index
         if not self.active or pipe.clearing:
             return
         while pipe.pending and len(pipe.urbs) < self.depth:
@@ -569,9 +571,8 @@ class BridgeFunction:
         pipe.sizer.out_done(data)
         pipe.pending.append(data)
         self._pump_out(pipe)
-        for other in self._pipes.values():  # a CBW plans the IN side of its interface
-            if other.ep.is_in and other.ep.interface == pipe.ep.interface:
-                self._pump_in(other)
+        for other in pipe.partners:  # a CBW plans the IN side of its interface: its URBs go out with it
+            self._pump_in(other)
 
     def _report(self) -> None:
         lines = report_lines(self.layout, self._ffs)
@@ -638,7 +639,7 @@ class Bridge:
             log.warning("not carried by FunctionFS: %s", item)
         self.handler = BridgeFunction(self.remote, image, self.layout, depth=self.depth)
         self.gadget = FunctionFsGadget(bridge_spec(image, self.name), self.layout, self.handler,
-                                       udc=self.requested_udc,
+                                       udc=self.requested_udc, loop=self.remote.loop,
                                        ffs_options={"in_depth": self.depth, "out_depth": self.depth})
         self.gadget.start()
         self._write_state()

@@ -11,11 +11,12 @@ other than 0 are left out too: libcomposite sends SET_INTERFACE(alt != 0) to a f
 `get_alt`, which f_fs lacks on the kernels we run (6.1), and f_fs's ENABLE event would not say which
 setting was chosen anyway. Isochronous endpoints are refused outright.
 
-The edge is `FunctionFs`, built on python-functionfs (`functionfs.Function`): it writes the descriptors
-and strings to ep0, runs the event loop (ep0 events and AIO completions on one eventfd, plus a wake-up fd
-other threads use), answers SETUP requests through a `FunctionFsHandler`, and moves endpoint data with
-several AIO transfers queued per endpoint. `FunctionFsGadget` puts it together with a configfs gadget
-(`gadgets.configfs`) and tears it down in the order the kernel needs.
+The edge is `FunctionFs`, built on python-functionfs (`functionfs.Function`), which writes the descriptors
+and strings to ep0 and opens the endpoint files. The rest is ours: the event loop (ep0 events and AIO
+completions on one eventfd, plus a wake-up fd other threads use; on a thread of its own, or inside an
+asyncio loop), SETUP requests answered through a `FunctionFsHandler` at once or later (`PendingReply`), and
+endpoint data moved with several AIO transfers queued per endpoint (`gadgets.aio`). `FunctionFsGadget`
+puts it together with a configfs gadget (`gadgets.configfs`) and tears it down in the order the kernel needs.
 
 What the host sees is not all ours: libcomposite (and on dummy_hcd the UDC driver itself) answers the
 device, configuration, string, BOS and qualifier descriptors, SET_ADDRESS, SET/GET_CONFIGURATION,
@@ -33,6 +34,7 @@ import ctypes
 import enum
 import errno
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -42,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -438,17 +440,41 @@ class FfsEvent(enum.Enum):
     RESUME = "resume"
 
 
+class PendingReply:
+    """A control reply that comes later: a handler that must ask elsewhere first (the bridge asks the remote
+    device) returns one from `control` and calls `resolve` on the loop's thread when it knows. Until then
+    `FunctionFs` reads no ep0 event: f_fs would take a read of ep0 as the answer (a STALL, for an IN request)."""
+
+    __slots__ = ("_callback", "reply")
+
+    def __init__(self) -> None:
+        self.reply: Reply | None = None
+        self._callback: Callable[[Reply], None] | None = None
+
+    def resolve(self, reply: Reply) -> None:
+        if self.reply is None:
+            self.reply = reply
+            if self._callback is not None:
+                self._callback(reply)
+
+    def on_resolved(self, callback: Callable[[Reply], None]) -> None:
+        if self.reply is not None:
+            callback(self.reply)
+        else:
+            self._callback = callback
+
+
 class FunctionFsHandler(Protocol):
     """What sits behind a `FunctionFs`: a device model (gadgets.model) or a remote device (gadgets.bridge).
 
-    Every method runs on the function's event-loop thread; `control` must answer before it returns (the
-    host's control transfer waits for it)."""
+    Every method runs on the function's event-loop thread; `control` answers at once (a `Reply`) or later
+    (a `PendingReply`); the host's control transfer waits for it either way."""
 
     def attach(self, ffs: FunctionFs) -> None: ...
 
     def event(self, event: FfsEvent) -> None: ...
 
-    def control(self, setup: SetupPacket, data: bytes) -> Reply: ...
+    def control(self, setup: SetupPacket, data: bytes) -> Reply | PendingReply: ...
 
     def pump(self) -> None: ...
 
@@ -458,20 +484,25 @@ class FunctionFsHandler(Protocol):
 # --- the edge ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
 class _Transfer:
-    """One AIO transfer on an endpoint file; completions are handed on in submission order."""
+    """One AIO transfer on an endpoint file; completions are handed on in submission order. A read's
+    callback takes (data, status), a write's (status)."""
 
-    block: Any
-    buffer: bytearray | None
-    callback: Callable[[bytes | None, int], None]
-    done: bool = False
-    status: int = 0
+    __slots__ = ("callback", "data", "done", "is_read", "status")
+
+    def __init__(self, callback: Callable[..., None], is_read: bool) -> None:
+        self.callback = callback
+        self.is_read = is_read
+        self.data: bytes | None = None
+        self.done = False
+        self.status = 0
 
 
-@dataclass
-class _EndpointQueue:
-    transfers: deque[_Transfer] = field(default_factory=deque)
+# include/uapi/linux/usb/functionfs.h: struct usb_functionfs_event (a usb_ctrlrequest, the type, 3 pad bytes)
+_EVENT = struct.Struct("<BBHHHB3x")
+_EVENT_TYPES = {0: FfsEvent.BIND, 1: FfsEvent.UNBIND, 2: FfsEvent.ENABLE, 3: FfsEvent.DISABLE,
+                5: FfsEvent.SUSPEND, 6: FfsEvent.RESUME}
+FUNCTIONFS_SETUP = 4
 
 
 def ep0_users(mount: Path) -> list[tuple[int, str]]:
@@ -494,9 +525,11 @@ def ep0_users(mount: Path) -> list[tuple[int, str]]:
 class FunctionFs:
     """A FunctionFS function in this process: descriptors on ep0, the event loop, endpoint AIO.
 
-    Use as a context manager around `serve()` (run on its own thread); `stop()`, `call_soon()` and `wake()`
-    are the only methods other threads may call. Endpoint transfers (`write`, `read`, `halt`) are for the
-    handler, on the loop thread.
+    Use as a context manager, then drive it either with `serve()` on a thread of its own or with
+    `run_on(loop)` inside an asyncio loop (the bridge: its remote device lives on that loop, so a URB's
+    completion and the gadget transfer it feeds meet without a thread hop). `stop()`, `call_soon()` and
+    `wake()` are the only methods other threads may call. Endpoint transfers (`write`, `read`, `halt`) are
+    for the handler, on the loop's thread.
     """
 
     def __init__(
@@ -511,6 +544,9 @@ class FunctionFs:
         out_depth: int = 8,
     ) -> None:
         ffs = _functionfs()
+        if ffs.Function.quirks_ffs_unsafe_eventfd:
+            raise FunctionFsError("this kernel's f_fs cannot signal ep0 events on an eventfd safely (before "
+                                  "Linux 5.16): vusb's gadgets need a newer kernel")
         self.mount = Path(mount)
         self.layout = layout
         self.handler = handler
@@ -525,58 +561,34 @@ class FunctionFs:
         self._calls_lock = threading.Lock()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
-        self._queues: dict[int, _EndpointQueue] = {ep.index: _EndpointQueue() for ep in layout.endpoints}
-        outer = self
-
-        class _InFile(ffs.EndpointINFile):  # type: ignore[misc, name-defined]
-            def onComplete(self, buffer_list: Any, user_data: Any, status: int) -> bool:
-                user_data(status)
-                return False
-
-        class _Function(ffs.Function):  # type: ignore[misc, name-defined]
-            """python-functionfs's Function, its events and SETUP requests handed to the outer edge."""
-
-            def getEndpointClass(self, is_in: bool, descriptor: Any) -> Any:
-                return _InFile if is_in else ffs.EndpointOUTFile
-
-            def onBind(self) -> None:
-                outer._event(FfsEvent.BIND)
-
-            def onUnbind(self) -> None:
-                outer._event(FfsEvent.UNBIND)
-
-            def onEnable(self) -> None:  # no super(): it would queue the library's own OUT reads
-                outer._event(FfsEvent.ENABLE)
-
-            def onDisable(self) -> None:
-                outer._event(FfsEvent.DISABLE)
-
-            def onSuspend(self) -> None:
-                outer._event(FfsEvent.SUSPEND)
-
-            def onResume(self) -> None:
-                outer._event(FfsEvent.RESUME)
-
-            def onSetup(self, request_type: int, request: int, value: int, index: int, length: int) -> None:
-                outer._setup(request_type, request, value, index, length)
-
+        self._control_pending = False  # a PendingReply is out: leave ep0 alone
+        self._queues: dict[int, deque[_Transfer]] = {ep.index: deque() for ep in layout.endpoints}
+        self._fds: dict[int, int] = {}
+        self._loop: Any = None  # the asyncio loop of run_on()
+        self._timer: Any = None
+        self._finished: Callable[[BaseException | None], None] | None = None
         lists = {s: [ctypes_descriptor(raw) for raw in layout.descriptors.get(s, ())] for s in SPEEDS}
         n_in = sum(1 for ep in layout.endpoints if ep.is_in)
         n_out = len(layout.endpoints) - n_in
-        self._function = _Function(
+        # python-functionfs writes the descriptors and strings and opens the endpoint files; ep0 events
+        # and endpoint transfers are ours (its processEvents would read ep0 while a reply is pending, and its
+        # onEnable would queue OUT reads of its own)
+        self._function = ffs.Function(
             str(self.mount),
             fs_list=lists[Speed.FULL], hs_list=lists[Speed.HIGH], ss_list=lists[Speed.SUPER],
             lang_dict={},
             all_ctrl_recip=all_ctrl_recip, config0_setup=config0_setup,
-            in_aio_blocks_max=max(1, in_depth * n_in),
-            out_aio_blocks_per_endpoint=1, out_aio_blocks_max_packet_count=1,
+            in_aio_blocks_max=1, out_aio_blocks_per_endpoint=1, out_aio_blocks_max_packet_count=1,
         )
         blob = strings_blob(layout.strings)
         self._function._function_strings = (ctypes.c_char * len(blob)).from_buffer_copy(blob)  # see strings_blob
-        import libaio
+        from gadgets.aio import AioQueue
 
-        self._libaio = libaio
-        self._out_ctx = self._libaio.AIOContext(max(1, out_depth * n_out)) if n_out else None
+        # Two eventfds, so a wake-up says what to do: f_fs signals ep0 events on the library's (it is in the
+        # descriptors), AIO completions on ours (IOCB_FLAG_RESFD).
+        self._ep0_fd = self._function.eventfd.fileno()
+        self._aio_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._aio = AioQueue(max(1, in_depth * n_in + out_depth * n_out), self._aio_fd)
         self._opened = False
 
     # -- life cycle ------------------------------------------------------------------------------------------
@@ -595,8 +607,10 @@ class FunctionFs:
             raise FunctionFsError(f"cannot start the FunctionFS function at {self.mount}: "
                                   f"{exc.strerror or exc}{hint}") from exc
         for index in range(1, len(self.layout.endpoints) + 1):
-            ep = self._function.getEndpoint(index)
-            fcntl.fcntl(ep.fileno(), fcntl.F_SETFL, fcntl.fcntl(ep.fileno(), fcntl.F_GETFL) | os.O_NONBLOCK)
+            fd = self._function.getEndpoint(index).fileno()
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+            self._fds[index] = fd
+        self._ep0 = self._function.ep0.fileno()
         self._opened = True
         self.handler.attach(self)
         return self
@@ -608,16 +622,14 @@ class FunctionFs:
         """Cancel what is in flight and close every file (the UDC should be unbound first)."""
         if self._opened:
             self._opened = False
-            if self._out_ctx is not None:
-                with contextlib.suppress(OSError):
-                    self._out_ctx.cancelAll()
-                self._out_ctx.close()
+            self._aio.close()
             self._function.__exit__(None, None, None)
-        with contextlib.suppress(OSError):
-            os.close(self._wake_fd)
+        for fd in (self._wake_fd, self._aio_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def stop(self) -> None:
-        """Make `serve()` return (from any thread)."""
+        """Make `serve()` return, or `run_on()` let go of its loop (from any thread)."""
         self._stopping = True
         self.wake()
 
@@ -633,34 +645,101 @@ class FunctionFs:
         self.wake()
 
     def serve(self) -> None:
-        """The event loop: ep0 events, AIO completions, calls from other threads; returns after `stop()`."""
-        with select.epoll(2) as poller:
-            poller.register(self._function.eventfd.fileno(), select.EPOLLIN)
-            poller.register(self._wake_fd, select.EPOLLIN)
+        """The event loop on the calling thread: ep0 events, AIO completions, calls from other threads;
+        returns after `stop()`."""
+        with select.epoll(3) as poller:
+            for fd in (self._ep0_fd, self._aio_fd, self._wake_fd):
+                poller.register(fd, select.EPOLLIN)
             while not self._stopping:
                 timeout = self.handler.poll_timeout()
                 try:
-                    poller.poll(-1 if timeout is None else timeout)
+                    ready = poller.poll(-1 if timeout is None else timeout)
                 except InterruptedError:
                     continue
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self._wake_fd)
-                self._run_calls()
-                self._function.processEvents()
-                if self._out_ctx is not None:
-                    self._out_ctx.getEvents(0)
-                if not self._stopping:
-                    self.handler.pump()
+                fds = {fd for fd, _ in ready}
+                self._step(self._wake_fd in fds, self._aio_fd in fds, self._ep0_fd in fds)
+
+    def run_on(self, loop: Any, finished: Callable[[BaseException | None], None]) -> None:
+        """Serve from `loop` (an asyncio loop; call this on its thread) until `stop()`; then, or when the
+        handling fails, the loop lets go of our files and `finished(error)` is called there."""
+        self._loop = loop
+        self._finished = finished
+        loop.add_reader(self._wake_fd, self._loop_step, True, False, False)
+        loop.add_reader(self._aio_fd, self._loop_step, False, True, False)
+        loop.add_reader(self._ep0_fd, self._loop_step, False, False, True)
+        loop.call_soon(self._loop_step, True, True, True)
+
+    def _loop_step(self, woken: bool, completed: bool, events: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        error: BaseException | None = None
+        if not self._stopping:
+            try:
+                self._step(woken, completed, events)
+            except Exception as exc:  # the same as an exception ending serve(): the owner sees it
+                log.exception("FunctionFS handling at %s failed", self.mount)
+                error = exc
+        if self._stopping or error is not None:
+            loop, self._loop = self._loop, None
+            if loop is not None:
+                for fd in (self._wake_fd, self._aio_fd, self._ep0_fd):
+                    loop.remove_reader(fd)
+                if self._finished is not None:
+                    self._finished(error)
+            return
+        timeout = self.handler.poll_timeout()
+        if timeout is not None:
+            self._timer = self._loop.call_later(timeout, self._loop_step, True, True, True)
+
+    def _step(self, woken: bool, completed: bool, events: bool) -> None:
+        """One turn for what is ready: calls from other threads, AIO completions, ep0 events; then the
+        handler's pump."""
+        if woken:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._wake_fd)
+            self._run_calls()
+        if completed:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._aio_fd)
+            self._aio.reap()
+        if events:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._ep0_fd)
+            if not self._control_pending:
+                self._ep0_events()
+        if not self._stopping:
+            self.handler.pump()
 
     def _run_calls(self) -> None:
-        while True:
+        while self._calls:
             with self._calls_lock:
-                if not self._calls:
-                    return
                 fn = self._calls.popleft()
             fn()
 
     # -- ep0 ------------------------------------------------------------------------------------------------
+
+    def _ep0_events(self) -> None:
+        """Read and handle what ep0 has queued (non-blocking), until a request is left pending."""
+        while not self._control_pending:
+            try:
+                raw = os.read(self._ep0, _EVENT.size * 8)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EIDRM:  # a request the host gave up on: f_fs reports it once
+                    continue
+                raise
+            if not raw:
+                return
+            for offset in range(0, len(raw) - _EVENT.size + 1, _EVENT.size):
+                request_type, request, value, index, length, kind = _EVENT.unpack_from(raw, offset)
+                if kind == FUNCTIONFS_SETUP:
+                    self._setup(request_type, request, value, index, length)
+                elif kind in _EVENT_TYPES:
+                    self._event(_EVENT_TYPES[kind])
+                else:
+                    log.debug("unknown FunctionFS event type %d", kind)
 
     def _event(self, event: FfsEvent) -> None:
         log.debug("FunctionFS event %s", event.value)
@@ -701,6 +780,7 @@ class FunctionFs:
         except Exception:
             log.exception("SETUP %02x %02x %04x %04x %04x failed; stalling it", request_type, request, value,
                           index, length)
+            self._control_pending = False
             self._stall_ep0(request_type)
 
     def _answer(self, raw: SetupPacket) -> None:
@@ -711,21 +791,43 @@ class FunctionFs:
             self._stall_ep0(raw.request_type)
             return
         if not setup.is_in and setup.length:
-            data = self._ep0_io(lambda: ep0.read(setup.length))
-            reply = self.handler.control(replace(setup, length=len(data)), data)
-            if reply.status is not TransferStatus.OK:
-                log.warning("%s: the device refused it, but its data stage is already acknowledged "
-                            "(f_fs cannot stall after the data stage)", setup)
-            self._after_control(setup, reply)
+            data = self._ep0_io(lambda: ep0.read(setup.length))  # the status stage is the UDC's now
+            answer = self.handler.control(replace(setup, length=len(data)), data)
+            if isinstance(answer, PendingReply):
+                answer.on_resolved(lambda reply: self._after_data_out(setup, reply))
+            else:
+                self._after_data_out(setup, answer)
             return
-        reply = self.handler.control(setup, b"")
-        if reply.status is not TransferStatus.OK:
-            self._stall_ep0(setup.request_type)
-        elif setup.is_in:
-            self._ep0_io(lambda: ep0.write(bytes(reply.data[: setup.length])))
+        answer = self.handler.control(setup, b"")
+        if isinstance(answer, PendingReply):
+            self._control_pending = True
+            answer.on_resolved(lambda reply: self._complete(setup, reply, pending=True))
         else:
-            self._ep0_io(lambda: ep0.read(0))
+            self._complete(setup, answer)
+
+    def _after_data_out(self, setup: SetupPacket, reply: Reply) -> None:
+        if reply.status is not TransferStatus.OK:
+            log.warning("%s: the device refused it, but its data stage is already acknowledged "
+                        "(f_fs cannot stall after the data stage)", setup)
         self._after_control(setup, reply)
+
+    def _complete(self, setup: SetupPacket, reply: Reply, *, pending: bool = False) -> None:
+        """Answer the SETUP request on ep0: its data, a status-stage acknowledgement, or a STALL."""
+        ep0 = self._function.ep0
+        try:
+            if reply.status is not TransferStatus.OK:
+                self._stall_ep0(setup.request_type)
+            elif setup.is_in:
+                self._ep0_io(lambda: ep0.write(bytes(reply.data[: setup.length])))
+            else:
+                self._ep0_io(lambda: ep0.read(0))
+        except OSError as exc:  # EIDRM: the host gave up (or reset) meanwhile; nobody waits for it
+            log.debug("%s: answer not taken (%s)", setup, exc)
+        self._after_control(setup, reply)
+        if pending:
+            self._control_pending = False
+            if self._opened and not self._stopping:
+                self._ep0_events()  # what arrived meanwhile (its eventfd signal is gone)
 
     def _after_control(self, setup: SetupPacket, reply: Reply) -> None:
         """A SET/CLEAR_FEATURE(ENDPOINT_HALT) that reached us (UDCs other than dummy_hcd pass them on)
@@ -757,18 +859,11 @@ class FunctionFs:
     def write(self, index: int, data: bytes, callback: Callable[[int], None]) -> bool:
         """Queue `data` on IN endpoint file `index` (b"" sends a zero-length packet); `callback(status)`
         gets the bytes sent or -errno, in order. False if f_fs refused to queue it (not enabled)."""
-        ep = self._function.getEndpoint(index)
-        buffer = bytearray(data)
-        entry = _Transfer(None, None, lambda _data, status: callback(status))
-        queue = self._queues[index].transfers
+        entry = _Transfer(callback, False)
+        queue = self._queues[index]
         queue.append(entry)
-
-        def complete(status: int) -> None:
-            entry.done, entry.status = True, status
-            self._deliver(index)
-
         try:
-            ep.submit([buffer] if buffer else [], complete)
+            self._aio.write(self._fds[index], data, functools.partial(self._completed, index, entry))
         except OSError as exc:
             queue.remove(entry)
             log.debug("ep%d: write of %d bytes not queued: %s", index, len(data), exc)
@@ -779,39 +874,29 @@ class FunctionFs:
         """Queue a read of up to `size` bytes (a multiple of wMaxPacketSize: f_fs cannot take a full packet
         into less) on OUT endpoint file `index`. It completes when full or on a short packet;
         `callback(data, status)` in order. False if it could not be queued."""
-        assert self._out_ctx is not None
-        ep = self._function.getEndpoint(index)
-        buffer = bytearray(size)
-        entry = _Transfer(None, buffer, callback)
-
-        def complete(block: Any, res: int, res2: int) -> None:
-            entry.done, entry.status = True, res
-            self._deliver(index)
-
-        entry.block = self._libaio.AIOBlock(mode=self._libaio.AIOBLOCK_MODE_READ, target_file=ep,
-                                            buffer_list=[buffer], offset=0, eventfd=self._function.eventfd,
-                                            onCompletion=complete)
-        queue = self._queues[index].transfers
+        entry = _Transfer(callback, True)
+        queue = self._queues[index]
         queue.append(entry)
         try:
-            self._out_ctx.submit([entry.block])
+            self._aio.read(self._fds[index], size, functools.partial(self._completed, index, entry))
         except OSError as exc:
             queue.remove(entry)
             log.debug("ep%d: read of %d bytes not queued: %s", index, size, exc)
             return False
         return True
 
-    def _deliver(self, index: int) -> None:
-        queue = self._queues[index].transfers
+    def _completed(self, index: int, entry: _Transfer, data: bytes | None, status: int) -> None:
+        entry.done, entry.data, entry.status = True, data, status
+        queue = self._queues[index]
         while queue and queue[0].done:
-            entry = queue.popleft()
-            data = None
-            if entry.buffer is not None and entry.status >= 0:
-                data = bytes(entry.buffer[: entry.status])
-            entry.callback(data, entry.status)
+            head = queue.popleft()
+            if head.is_read:
+                head.callback(head.data, head.status)
+            else:
+                head.callback(head.status)
 
     def in_flight(self, index: int) -> int:
-        return len(self._queues[index].transfers)
+        return len(self._queues[index])
 
     def halt(self, index: int) -> bool:
         """Halt endpoint file `index` at the UDC (the host sees STALL until it clears the halt; on IN
@@ -837,11 +922,14 @@ class FunctionFsGadget:
     `with FunctionFsGadget(spec, layout, handler, udc="dummy_udc.0") as g:` creates the gadget, mounts
     FunctionFS, writes the descriptors, starts the event loop on a thread and binds the UDC; leaving the
     block (also by Ctrl-C) unbinds the UDC, stops the loop, closes the files, unmounts and removes the
-    gadget (FUNCTIONFS.md pitfall 13's order). `wait()` blocks until the loop ends and re-raises its error.
+    gadget (unbind first, then the files, then configfs). `wait()` blocks until the loop ends and re-raises
+    its error. With `loop` (a running asyncio loop on another thread) the function is served there instead
+    of on a thread of its own.
     """
 
     def __init__(self, spec: GadgetSpec, layout: FfsLayout, handler: FunctionFsHandler, *,
-                 udc: str | None = None, ffs_options: Mapping[str, Any] | None = None) -> None:
+                 udc: str | None = None, ffs_options: Mapping[str, Any] | None = None,
+                 loop: Any = None) -> None:
         if not any(f.kind == "ffs" for f in spec.functions):
             raise FunctionFsError(f"gadget {spec.name} has no ffs.* function")
         self.spec = spec
@@ -859,6 +947,8 @@ class FunctionFsGadget:
         self._error: BaseException | None = None
         self._ffs_options = dict(ffs_options or {})
         self._lock_fd: int | None = None
+        self._loop = loop
+        self._started = False
 
     def __enter__(self) -> FunctionFsGadget:
         try:
@@ -879,8 +969,12 @@ class FunctionFsGadget:
         mount = self.gadget.mount_ffs(fn)
         self.ffs = FunctionFs(mount, self.layout, self.handler, **self._ffs_options)
         self.ffs.__enter__()
-        self._thread = threading.Thread(target=self._serve, name=f"ffs-{self.spec.name}", daemon=True)
-        self._thread.start()
+        self._started = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.ffs.run_on, self._loop, self._finished)
+        else:
+            self._thread = threading.Thread(target=self._serve, name=f"ffs-{self.spec.name}", daemon=True)
+            self._thread.start()
         self.udc = self.ffs.udc = self.gadget.bind(self.requested_udc)
         log.info("gadget %s bound to %s", self.spec.name, self.udc)
 
@@ -908,13 +1002,18 @@ class FunctionFsGadget:
         finally:
             self._done.set()
 
+    def _finished(self, error: BaseException | None) -> None:
+        """The end of `FunctionFs.run_on` (on the loop's thread)."""
+        self._error = error
+        self._done.set()
+
     @property
     def running(self) -> bool:
-        return self._thread is not None and not self._done.is_set()
+        return self._started and not self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the event loop ends (True) or `timeout` passes (False); re-raise the loop's error."""
-        if self._thread is not None:
+        if self._started:
             self._done.wait(timeout)
         if self._error is not None:
             error, self._error = self._error, None
@@ -930,7 +1029,7 @@ class FunctionFsGadget:
             self.gadget.unbind()
         if self.ffs is not None:
             self.ffs.stop()
-        if self._thread is not None:
+        if self._started:
             deadline = time.monotonic() + 30
             while not self._done.wait(0.5) and time.monotonic() < deadline:
                 pass
@@ -940,6 +1039,7 @@ class FunctionFsGadget:
                           self.spec.name)
                 self.ffs = None
             self._thread = None
+            self._started = False
         if self.ffs is not None:
             self.ffs.close()
             self.ffs = None

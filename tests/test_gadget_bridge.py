@@ -47,10 +47,10 @@ def _bridged(side: RemoteSide, port: int, depth: int = 4) -> tuple[BridgeFunctio
     image = side.open("127.0.0.1", "1-1", port)
     layout = ffs_layout(image.configuration, image.speed, image.strings)
     handler = BridgeFunction(side, image, layout, depth=depth)
-    fake = FakeFfs(speed=image.speed)
+    fake = FakeFfs(speed=image.speed, loop=side.loop)  # the handler lives on the remote's loop
     fake.handler = handler
     handler.attach(fake)  # type: ignore[arg-type]
-    handler.event(FfsEvent.ENABLE)
+    fake.on_loop(lambda: handler.event(FfsEvent.ENABLE))
     fake.run_until(lambda: handler.active)
     return handler, fake, image
 
@@ -91,19 +91,19 @@ def test_led_report_from_the_local_host_reaches_the_remote_keyboard(keyboard_ser
 
 def test_control_requests_are_answered_from_the_remote_and_stalls_stay_stalls(keyboard_server, remote_side):
     server, _ = keyboard_server
-    handler, _fake, _ = _bridged(remote_side, server.port)
-    report = handler.control(SetupPacket(0x81, 6, 0x2200, 0, 0xFF), b"")  # GET_DESCRIPTOR(REPORT), interface 0
+    _handler, fake, _ = _bridged(remote_side, server.port)
+    report = fake.control(SetupPacket(0x81, 6, 0x2200, 0, 0xFF))  # GET_DESCRIPTOR(REPORT), interface 0
     assert report.data == KEYBOARD_REPORT_DESCRIPTOR
-    assert handler.control(SetupPacket(0x21, 0x0A, 0, 0, 0), b"").status == 0  # SET_IDLE(0)
-    assert handler.control(SetupPacket(0xA1, 0x02, 0, 0, 1), b"").data == b"\x00"  # GET_IDLE
-    assert handler.control(SetupPacket(0xC0, 0x55, 0, 0, 4), b"") == STALL  # a vendor request it refuses
+    assert fake.control(SetupPacket(0x21, 0x0A, 0, 0, 0)).status == 0  # SET_IDLE(0)
+    assert fake.control(SetupPacket(0xA1, 0x02, 0, 0, 1)).data == b"\x00"  # GET_IDLE
+    assert fake.control(SetupPacket(0xC0, 0x55, 0, 0, 4)) == STALL  # a vendor request it refuses
 
 
 def test_disable_unlinks_every_urb_at_the_remote(keyboard_server, remote_side):
     server, _ = keyboard_server
     handler, fake, _ = _bridged(remote_side, server.port)
     assert handler.outstanding() > 0
-    handler.event(FfsEvent.DISABLE)
+    fake.on_loop(lambda: handler.event(FfsEvent.DISABLE))
     fake.run_until(lambda: handler.outstanding() == 0)
     assert not handler.active and fake.writes.get(1, []) == []
 
