@@ -233,12 +233,18 @@ def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: 
             table.add_row("remote", f"{busid} on {host}:{tcp_port} — {d.id_vendor:04x}:{d.id_product:04x} "
                           f"{bridge.image.strings.get(d.i_product, '')}, {bridge.image.speed.name.lower()} speed")
             table.add_row("gadget", f"{bridge.name} on {bridge.udc}")
-            for line in report_lines(bridge.gadget.layout):
+            shown = report_lines(bridge.gadget.layout)
+            for line in shown:
                 table.add_row("note", line)
             console.print(table)
             console.print("[green]bridged[/] — Ctrl-C to detach")
             while not bridge.wait(0.5):
-                pass
+                ffs = bridge.gadget.ffs
+                if ffs is not None and ffs.enabled:  # the host configured it: what it was given
+                    for line in report_lines(bridge.gadget.layout, ffs):
+                        if line not in shown:  # the numbers libcomposite and the UDC gave, the link speed
+                            console.print(f"note: {line}", highlight=False)
+                            shown.append(line)
             raise BridgeError(bridge.failure or "the bridge stopped on its own")
     except (KeyboardInterrupt, _Stop):
         console.print("detached: gadget unbound and removed, remote released")

@@ -207,7 +207,7 @@ def _tty_acm_under(hcd: str) -> Path | None:
     return None
 
 
-def test_vusb_attach_bridge_shows_in_port_and_detach_stops_it():
+def test_vusb_attach_bridge_reports_the_renumbering_shows_in_port_and_detach_stops_it():
     from emulator.devices.hid import hid_keyboard_device
     from emulator.server import ServerThread
 
@@ -232,6 +232,8 @@ def test_vusb_attach_bridge_shows_in_port_and_detach_stops_it():
                 proc.kill()
                 proc.wait()
     assert proc.returncode == 0, output
+    assert "libcomposite answers" in output and "SET_CONFIGURATION" in output, output
+    assert "interface 0 -> host interface 0" in output and "(ep1) -> host endpoint 0x" in output, output
     assert not (GADGETS / "vusbtest-attach").exists()
     assert "vusbtest-attach" not in _vusb("port").stdout
 
