@@ -275,7 +275,7 @@ class BridgeFunction:
         self.active = False
         self.failure: str | None = None
         self._pipes: dict[int, _Pipe] = {}
-        self._reported: list[str] = []
+        self.reported: list[str] = []  # what the last ENABLE showed: libcomposite's part, the numbers given
         self.configuration_value = image.configuration.descriptor.configuration_value
 
     # -- FunctionFsHandler ------------------------------------------------------------------------------
@@ -347,8 +347,9 @@ class BridgeFunction:
                 and setup.request == US_BULK_RESET_REQUEST):
             self._restart_interface(setup.index & 0xFF)  # no stale URB may catch the next command's data
         try:
-            urb = self._device.submit(0x80 if setup.is_in else 0x00, setup.length if setup.is_in else data,
-                                      setup=setup, timeout=CONTROL_TIMEOUT)
+            with self._device.batched():  # out now, not at the end of the loop's turn
+                urb = self._device.submit(0x80 if setup.is_in else 0x00, setup.length if setup.is_in else data,
+                                          setup=setup, timeout=CONTROL_TIMEOUT)
         except HostError as exc:
             self._fail(f"the remote device went away: {exc}")
             answer.resolve(STALL)
@@ -570,16 +571,17 @@ class BridgeFunction:
             return
         pipe.sizer.out_done(data)
         pipe.pending.append(data)
-        self._pump_out(pipe)
-        for other in pipe.partners:  # a CBW plans the IN side of its interface: its URBs go out with it
-            self._pump_in(other)
+        with self._device.batched():  # a CBW and the data and CSW URBs it plans leave in one write, now
+            self._pump_out(pipe)
+            for other in pipe.partners:  # a CBW plans the IN side of its interface
+                self._pump_in(other)
 
     def _report(self) -> None:
         lines = report_lines(self.layout, self._ffs)
-        if lines != self._reported:
+        if lines != self.reported:
             for line in lines:
                 log.info("%s", line)
-            self._reported = lines
+            self.reported = lines
 
 
 # --- putting it together ---------------------------------------------------------------------------------------

@@ -238,13 +238,16 @@ def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: 
                 table.add_row("note", line)
             console.print(table)
             console.print("[green]bridged[/] — Ctrl-C to detach")
-            while not bridge.wait(0.5):
-                ffs = bridge.gadget.ffs
-                if ffs is not None and ffs.enabled:  # the host configured it: what it was given
-                    for line in report_lines(bridge.gadget.layout, ffs):
-                        if line not in shown:  # the numbers libcomposite and the UDC gave, the link speed
-                            console.print(f"note: {line}", highlight=False)
-                            shown.append(line)
+            reported = False
+            # Poll only until the numbers are out: a main thread waking up twice a second takes the GIL from
+            # the bridge's loop each time, which shows in its latencies. A signal still ends a bare wait.
+            while not bridge.wait(None if reported else 0.5):
+                assert bridge.handler is not None
+                for line in list(bridge.handler.reported):  # set once the host has configured the device
+                    if line not in shown:  # the numbers libcomposite and the UDC gave, the link speed
+                        console.print(f"note: {line}", highlight=False)
+                        shown.append(line)
+                    reported = True
             raise BridgeError(bridge.failure or "the bridge stopped on its own")
     except (KeyboardInterrupt, _Stop):
         console.print("detached: gadget unbound and removed, remote released")

@@ -1,23 +1,24 @@
-"""The gadget bridge against the kernel's vhci path, on the same kernel-exported device, in one VM boot.
+"""The gadget bridge against the kernel's vhci path, on kernel-exported disks, in one VM boot, interleaved.
 
-The remote is always the kernel's: a configfs f_mass_storage gadget on dummy_udc.0 (a read-only 64 MiB
-image), exported by usbip-host (`usbipd` + `usbip bind`). It is imported twice, one after the other:
+The remotes are the kernel's: two configfs f_mass_storage gadgets on the same read-only 64 MiB image
+(dummy_udc.0 and dummy_udc.1), both exported by usbip-host (`usbipd` + `usbip bind`). They are imported at
+the same time, one each way:
   reference  `usbip attach` → vhci-hcd → usb-storage
-  bridge     `vusb attach` (its own process) → a FunctionFS gadget on dummy_udc.1 → usb-storage
-On each the guest measures
-  * a sequential read of the whole disk with O_DIRECT 1 MiB reads (like `dd bs=1M iflag=direct`), several
-    rounds, every round checked against the image (sha256): ratio bridge ÷ vhci, target ≥ 0.8;
-  * control-transfer round trips through libusb (pyusb) on the local device node, usb-storage detached:
-    GET_MAX_LUN (a class request that travels to the remote device on both paths: the number that counts,
-    p99 ratio bridge ÷ vhci, target ≤ 2) and GET_DESCRIPTOR(DEVICE) (on the bridge libcomposite answers it
-    locally, on vhci it travels: shown for completeness).
+  bridge     `vusb attach` (its own process) → a FunctionFS gadget on dummy_udc.2 → usb-storage
+and measured in alternation, so whatever else loads the (shared, emulated) machine falls on both alike:
+  * sequential read with O_DIRECT 1 MiB reads (like `dd bs=1M iflag=direct`), in 8 MiB turns, a round being
+    the whole disk on both paths, each round checked against the image (sha256): the median of the
+    per-round ratios bridge ÷ vhci (target ≥ 0.8);
+  * control round trips through libusb (pyusb) on the local device nodes, usb-storage detached, one request
+    on each path in turn: GET_MAX_LUN (a class request that travels to the remote device on both paths:
+    the number that counts, p99 ratio bridge ÷ vhci, target ≤ 2) and GET_DESCRIPTOR(DEVICE) (on the bridge
+    libcomposite answers it locally, on vhci it travels: shown for completeness).
+Then the floor under the bridge's local half: the same image served by vusb's Python model through
+FunctionFS (`vusb emulate --gadget mass-storage`) on dummy_udc.2, with no USB/IP at all.
 
-A third run gives the floor under the bridge's local half: the same image served by vusb's Python model
-through FunctionFS (`vusb emulate --gadget mass-storage`) on the same UDC, with no USB/IP at all.
-
-`--profile` runs the bridge under cProfile (every thread) during the read rounds and prints where its time
-went. Run from the repository root: `.venv/bin/python tools/bench/bench_bridge_vm.py [--size-mb 64]
-[--rounds 3] [--iterations 1000] [--profile]`.
+`--profile` runs the bridge under cProfile (every thread) and prints where its time went. Run from the
+repository root: `.venv/bin/python tools/bench/bench_bridge_vm.py [--size-mb 64] [--rounds 3]
+[--iterations 1000] [--profile]` (or `vusb bench bridge-vm`).
 """
 
 from __future__ import annotations
@@ -38,93 +39,91 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 CHUNK = 1 << 20
-BRIDGE_UDC = "dummy_udc.1"
+TURN = 8 << 20
 BRIDGE_NAME = "vusb-bench-bridge"
 US_BULK_GET_MAX_LUN = 0xFE
 GET_DESCRIPTOR, DT_DEVICE = 0x06, 0x01
+REQUESTS = {"get_max_lun": (0xA1, US_BULK_GET_MAX_LUN, 0, 0, 1),
+            "get_descriptor_device": (0x80, GET_DESCRIPTOR, DT_DEVICE << 8, 0, 18)}
 
 
 # --- measurements (guest side) ----------------------------------------------------------------------------
 
 
-def read_disk(dev: str, size: int) -> tuple[float, str]:
-    """Seconds to read `size` bytes of `dev` with O_DIRECT 1 MiB reads, and their sha256 (hashed after the
-    clock stops)."""
-    buf = mmap.mmap(-1, size)
-    view = memoryview(buf)
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+def read_interleaved(disks: dict[str, str], size: int, expected: str) -> dict[str, float]:
+    """Read every disk whole with O_DIRECT 1 MiB reads, taking 8 MiB turns; MB/s per disk. Each one's bytes
+    are hashed after the clocks stop and must match the image."""
+    buffers = {name: mmap.mmap(-1, size) for name in disks}
+    fds = {name: os.open(dev, os.O_RDONLY | os.O_DIRECT) for name, dev in disks.items()}
+    spent = dict.fromkeys(disks, 0.0)
     try:
-        start = time.perf_counter()
-        done = 0
-        while done < size:
-            n = os.readv(fd, [view[done : done + CHUNK]])
-            if n <= 0:
-                raise RuntimeError(f"short read from {dev} at {done}")
-            done += n
-        elapsed = time.perf_counter() - start
-        digest = hashlib.sha256(view).hexdigest()
+        for start in range(0, size, TURN):
+            for name, fd in fds.items():
+                view = memoryview(buffers[name])
+                began = time.perf_counter()
+                done = start
+                while done < min(size, start + TURN):
+                    n = os.preadv(fd, [view[done : done + CHUNK]], done)
+                    if n <= 0:
+                        raise RuntimeError(f"short read from {disks[name]} at {done}")
+                    done += n
+                spent[name] += time.perf_counter() - began
+                view.release()
+        for name, buf in buffers.items():
+            digest = hashlib.sha256(buf).hexdigest()
+            if digest != expected:
+                raise RuntimeError(f"{disks[name]}: read back sha256 {digest} != image {expected}")
     finally:
-        os.close(fd)
-        view.release()
-        buf.close()
-    return elapsed, digest
+        for fd in fds.values():
+            os.close(fd)
+        for buf in buffers.values():
+            buf.close()
+    return {name: round(size / seconds / 1e6, 2) for name, seconds in spent.items()}
 
 
-def measure_read(dev: str, size: int, rounds: int, expected: str) -> list[float]:
-    speeds = []
-    for _ in range(rounds):
-        elapsed, digest = read_disk(dev, size)
-        if digest != expected:
-            raise RuntimeError(f"{dev}: read back sha256 {digest} != image {expected}")
-        speeds.append(round(size / elapsed / 1e6, 2))
-    return speeds
-
-
-def measure_control(sysfs_path: str, iterations: int) -> dict[str, list[float]]:
-    """Round-trip times (µs) of GET_MAX_LUN and GET_DESCRIPTOR(DEVICE) through libusb on the device at
-    `sysfs_path`; usb-storage is detached from interface 0 first (an interface request needs it claimed)."""
+def measure_control(sysfs_paths: dict[str, str], iterations: int) -> dict[str, dict[str, list[float]]]:
+    """Round-trip times (µs) of each request on each device (one on each in turn), through libusb;
+    usb-storage is detached from interface 0 first (an interface request needs it claimed)."""
     import usb.core
     import usb.util
 
-    busnum = int(Path(sysfs_path, "busnum").read_text())
-    devnum = int(Path(sysfs_path, "devnum").read_text())
-    dev = usb.core.find(bus=busnum, address=devnum)
-    if dev is None:
-        raise RuntimeError(f"libusb does not see bus {busnum} device {devnum}")
-    if dev.is_kernel_driver_active(0):
-        dev.detach_kernel_driver(0)
-    usb.util.claim_interface(dev, 0)
-    requests = {
-        "get_max_lun": (0xA1, US_BULK_GET_MAX_LUN, 0, 0, 1),
-        "get_descriptor_device": (0x80, GET_DESCRIPTOR, DT_DEVICE << 8, 0, 18),
-    }
-    times: dict[str, list[float]] = {}
+    devices = {}
+    for name, path in sysfs_paths.items():
+        busnum, devnum = int(Path(path, "busnum").read_text()), int(Path(path, "devnum").read_text())
+        dev = usb.core.find(bus=busnum, address=devnum)
+        if dev is None:
+            raise RuntimeError(f"libusb does not see bus {busnum} device {devnum}")
+        if dev.is_kernel_driver_active(0):
+            dev.detach_kernel_driver(0)
+        usb.util.claim_interface(dev, 0)
+        devices[name] = dev
+    times: dict[str, dict[str, list[float]]] = {name: {r: [] for r in REQUESTS} for name in devices}
     try:
-        for name, (request_type, request, value, index, length) in requests.items():
-            samples = []
+        for request, (request_type, code, value, index, length) in REQUESTS.items():
             for i in range(iterations + 20):
-                start = time.perf_counter()
-                answer = dev.ctrl_transfer(request_type, request, value, index, length, timeout=5000)
-                elapsed = time.perf_counter() - start
-                if len(answer) != length:
-                    raise RuntimeError(f"{name}: {len(answer)} bytes, not {length}")
-                if i >= 20:  # the first ones warm caches and pyusb's paths
-                    samples.append(round(elapsed * 1e6, 1))
-            times[name] = samples
+                for name, dev in devices.items():
+                    start = time.perf_counter()
+                    answer = dev.ctrl_transfer(request_type, code, value, index, length, timeout=5000)
+                    elapsed = time.perf_counter() - start
+                    if len(answer) != length:
+                        raise RuntimeError(f"{request} on {name}: {len(answer)} bytes, not {length}")
+                    if i >= 20:  # the first ones warm caches and pyusb's paths
+                        times[name][request].append(round(elapsed * 1e6, 1))
     finally:
-        usb.util.release_interface(dev, 0)
-        usb.util.dispose_resources(dev)
+        for dev in devices.values():
+            usb.util.release_interface(dev, 0)
+            usb.util.dispose_resources(dev)
     return times
 
 
-def control_in_subprocess(sysfs_path: str, iterations: int) -> dict[str, list[float]]:
+def control_in_subprocess(sysfs_paths: dict[str, str], iterations: int) -> dict[str, dict[str, list[float]]]:
     """`measure_control` in a fresh process: libusb (built for udev) learns of devices that appear later only
-    through udevd, which the guest does not run, so one libusb context would never see the second device."""
-    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--control-of", sysfs_path,
-                          "--iterations", str(iterations)], capture_output=True, text=True, timeout=900)
+    through udevd, which the guest does not run, so a context made earlier would not see them."""
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--control-of", json.dumps(sysfs_paths),
+                          "--iterations", str(iterations)], capture_output=True, text=True, timeout=1200)
     if res.returncode != 0:
         raise RuntimeError(f"control measurement failed: {res.stderr[-2000:]}")
-    times: dict[str, list[float]] = json.loads(res.stdout.strip().splitlines()[-1])
+    times: dict[str, dict[str, list[float]]] = json.loads(res.stdout.strip().splitlines()[-1])
     return times
 
 
@@ -140,7 +139,17 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
-# --- the two paths (guest side) ---------------------------------------------------------------------------
+# --- the paths (guest side) -------------------------------------------------------------------------------
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+    return output
 
 
 def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool) -> dict[str, object]:
@@ -148,91 +157,64 @@ def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool) -> dic
 
     size = size_mb << 20
     guest.modprobe("usb-storage", "sd_mod", "vhci-hcd")
-    remote_udc, local_udc = guest.dummy_udcs(2)[:2]
-    remote_hcd, local_hcd = guest.hcd_of_udc(remote_udc), guest.hcd_of_udc(local_udc)
+    udc_vhci, udc_bridged, udc_local = guest.dummy_udcs(3)[:3]
+    hcd_vhci, hcd_bridged, hcd_local = (guest.hcd_of_udc(u) for u in (udc_vhci, udc_bridged, udc_local))
     image = guest.make_backing_file(Path("/tmp/bench-bridge.img"), size)
     expected = guest.sha256_of(image)
     results: dict[str, object] = {"size_mb": size_mb, "rounds": rounds, "iterations": iterations}
 
     def progress(key: str) -> None:  # on stderr as it comes, so a failure later still shows it
-        value = results[key]
-        if isinstance(value, dict):
-            value = {k: (percentile(v, 50), percentile(v, 99)) for k, v in value.items()}
-        print(f"[bench] {key}: {value}", file=sys.stderr, flush=True)
+        print(f"[bench] {key}: {results[key]}", file=sys.stderr, flush=True)
 
-    with guest.mass_storage_gadget(image, remote_udc, read_only=True) as gadget:
-        dev = guest.wait_for_usb_device(gadget.vendor_id, gadget.product_id, under=remote_hcd)
-        guest.wait_for_disk(remote_hcd, timeout=60)
-        with guest.usbipd() as daemon, guest.usbip_bound(dev.busid):
-            guest.wait_for_disk_gone(remote_hcd)
-
-            with guest.usbip_attached("127.0.0.1", dev.busid, port=daemon.port):
-                disk = guest.wait_for_disk("vhci_hcd", timeout=60)
-                results["vhci_read_mb_s"] = measure_read(str(disk.dev), size, rounds, expected)
-                progress("vhci_read_mb_s")
-                (local,) = guest.usb_devices("vhci_hcd")
-                results["vhci_control_us"] = control_in_subprocess(local.sysfs_path, iterations)
-                progress("vhci_control_us")
-            guest.wait_for_disk_gone("vhci_hcd")
-
-            argv = ["attach", "-r", "127.0.0.1", "-b", dev.busid, "--tcp-port", str(daemon.port),
-                    "--udc", local_udc, "--name", BRIDGE_NAME]
+    with guest.mass_storage_gadget(image, udc_vhci, read_only=True, name="vusb_ms_a", serial="benchvhci") as a, \
+            guest.mass_storage_gadget(image, udc_bridged, read_only=True, name="vusb_ms_b", serial="benchbrdg") as b:
+        dev_a = guest.wait_for_usb_device(a.vendor_id, a.product_id, under=hcd_vhci)
+        dev_b = guest.wait_for_usb_device(b.vendor_id, b.product_id, under=hcd_bridged)
+        with guest.usbipd() as daemon, guest.usbip_bound(dev_a.busid), guest.usbip_bound(dev_b.busid):
+            argv = ["attach", "-r", "127.0.0.1", "-b", dev_b.busid, "--tcp-port", str(daemon.port),
+                    "--udc", udc_local, "--name", BRIDGE_NAME]
             profile_path = Path("/tmp/bench-bridge.prof")
             command = [sys.executable, "-m", "emulator.cli", *argv]
             if profile:
                 command = [sys.executable, str(Path(__file__).resolve()), "--profile-to", str(profile_path),
                            "--", *argv]
-            bridge = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            try:
-                disk = guest.wait_for_disk(local_hcd, timeout=120)
-                cpu_before = cpu_seconds(bridge.pid)
-                results["bridge_read_mb_s"] = measure_read(str(disk.dev), size, rounds, expected)
-                progress("bridge_read_mb_s")
-                results["max_sectors_kb"] = int(Path(f"/sys/block/{disk.name}/queue/max_sectors_kb").read_text())
-                commands = rounds * size / (results["max_sectors_kb"] << 10)  # type: ignore[operator]
-                user, system = (after - before for after, before in zip(cpu_seconds(bridge.pid), cpu_before,
-                                                                        strict=True))
-                results["bridge_cpu_ms_per_command"] = {"user": round(user / commands * 1e3, 2),
-                                                         "system": round(system / commands * 1e3, 2)}
-                (local,) = guest.usb_devices(local_hcd)
-                results["bridge_control_us"] = control_in_subprocess(local.sysfs_path, iterations)
-                progress("bridge_control_us")
-            finally:
-                bridge.send_signal(signal.SIGTERM)
+            with guest.usbip_attached("127.0.0.1", dev_a.busid, port=daemon.port):
+                bridge = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 try:
-                    output, _ = bridge.communicate(timeout=60)
-                except subprocess.TimeoutExpired:
-                    bridge.kill()
-                    output, _ = bridge.communicate()
-            if bridge.returncode != 0:
-                raise RuntimeError(f"vusb attach exited {bridge.returncode}: {output[-2000:]}")
-            guest.wait_for_disk_gone(local_hcd)
+                    disks = {"vhci": str(guest.wait_for_disk("vhci_hcd", timeout=60).dev),
+                             "bridge": str(guest.wait_for_disk(hcd_local, timeout=120).dev)}
+                    name = Path(disks["bridge"]).name
+                    results["max_sectors_kb"] = int(Path(f"/sys/block/{name}/queue/max_sectors_kb").read_text())
+                    before = cpu_seconds(bridge.pid)
+                    results["read_mb_s"] = [read_interleaved(disks, size, expected) for _ in range(rounds)]
+                    progress("read_mb_s")
+                    user, system = (b - a for b, a in zip(cpu_seconds(bridge.pid), before, strict=True))
+                    commands = rounds * size / (results["max_sectors_kb"] << 10)  # type: ignore[operator]
+                    results["bridge_cpu_ms_per_command"] = {"user": round(user / commands * 1e3, 2),
+                                                             "system": round(system / commands * 1e3, 2)}
+                    (vhci_dev,) = guest.usb_devices("vhci_hcd")
+                    (bridged_dev,) = guest.usb_devices(hcd_local)
+                    results["control_us"] = control_in_subprocess(
+                        {"vhci": vhci_dev.sysfs_path, "bridge": bridged_dev.sysfs_path}, iterations)
+                finally:
+                    output = _stop(bridge)
+                if bridge.returncode != 0:
+                    raise RuntimeError(f"vusb attach exited {bridge.returncode}: {output[-2000:]}")
+                guest.wait_for_disk_gone(hcd_local)
             if profile:
                 results["profile"] = profile_report(profile_path)
 
-    # The floor under the bridge's local half: the same image served by vusb's own Python mass-storage model
-    # through FunctionFS on the same UDC, no USB/IP at all (every answer the bridge gives pays this too).
     model = subprocess.Popen([sys.executable, "-m", "emulator.cli", "emulate", "--gadget", "mass-storage", "--disk",
-                              str(image), "--read-only", "--udc", local_udc, "--name", "vusb-bench-local"],
+                              str(image), "--read-only", "--udc", udc_local, "--name", "vusb-bench-local"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        disk = guest.wait_for_disk(local_hcd, timeout=120)
-        results["ffs_local_read_mb_s"] = measure_read(str(disk.dev), size, 1, expected)
-        progress("ffs_local_read_mb_s")
-        (device,) = guest.usb_devices(local_hcd)
-        results["ffs_local_control_us"] = control_in_subprocess(device.sysfs_path, iterations)
-        progress("ffs_local_control_us")
+        disk = guest.wait_for_disk(hcd_local, timeout=120)
+        results["floor_read_mb_s"] = read_interleaved({"floor": str(disk.dev)}, size, expected)["floor"]
+        (device,) = guest.usb_devices(hcd_local)
+        results["floor_control_us"] = control_in_subprocess({"floor": device.sysfs_path}, iterations)["floor"]
     finally:
-        model.send_signal(signal.SIGTERM)
-        try:
-            model.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            model.kill()
-            model.communicate()
+        _stop(model)
     return results
-
-
-# --- profiling the bridge process (cProfile on every thread) ----------------------------------------------
 
 
 def profile_attach(out: Path, argv: list[str]) -> int:
@@ -287,34 +269,31 @@ def profile_report(path: Path, top: int = 30) -> str:
 
 
 def report(results: dict[str, object]) -> tuple[float, float]:
-    vhci = statistics.median(results["vhci_read_mb_s"])  # type: ignore[arg-type]
-    bridge = statistics.median(results["bridge_read_mb_s"])  # type: ignore[arg-type]
-    read_ratio = bridge / vhci
-    print(f"sequential read, {results['size_mb']} MiB x {results['rounds']} rounds, O_DIRECT 1 MiB, TCG guest "
-          f"(usb-storage max_sectors_kb {results.get('max_sectors_kb')})")
-    print(f"  kernel usbip-host → vhci-hcd:           {vhci:7.1f} MB/s  (rounds {results['vhci_read_mb_s']})")
-    print(f"  kernel usbip-host → vusb bridge gadget: {bridge:7.1f} MB/s  (rounds {results['bridge_read_mb_s']})")
-    print(f"  ratio bridge ÷ vhci: {read_ratio:.2f}  (target ≥ 0.8)")
+    rounds: list[dict[str, float]] = results["read_mb_s"]  # type: ignore[assignment]
+    read_ratio = statistics.median(r["bridge"] / r["vhci"] for r in rounds)
+    print(f"sequential read, {results['size_mb']} MiB x {results['rounds']} rounds in 8 MiB turns, O_DIRECT 1 MiB, "
+          f"TCG guest (usb-storage max_sectors_kb {results.get('max_sectors_kb')})")
+    for path, label in (("vhci", "kernel usbip-host → vhci-hcd:          "),
+                        ("bridge", "kernel usbip-host → vusb bridge gadget:")):
+        speeds = [r[path] for r in rounds]
+        print(f"  {label} {statistics.median(speeds):7.1f} MB/s  (rounds {speeds})")
+    print(f"  ratio bridge ÷ vhci (median of the rounds' ratios): {read_ratio:.2f}  (target ≥ 0.8)")
     print(f"  CPU of the bridge process per Bulk-Only command (ms): {results.get('bridge_cpu_ms_per_command')}")
-    vhci_us: dict[str, list[float]] = results["vhci_control_us"]  # type: ignore[assignment]
-    bridge_us: dict[str, list[float]] = results["bridge_control_us"]  # type: ignore[assignment]
-    print(f"control round trips through libusb, {results['iterations']} each (µs: p50 / p99)")
+    control: dict[str, dict[str, list[float]]] = results["control_us"]  # type: ignore[assignment]
+    print(f"control round trips through libusb, {results['iterations']} each, alternating (µs: p50 / p99)")
     ratios = {}
     for name, note in (("get_max_lun", "forwarded to the remote on both paths"),
                        ("get_descriptor_device", "bridge: answered by libcomposite locally")):
-        v50, v99 = percentile(vhci_us[name], 50), percentile(vhci_us[name], 99)
-        b50, b99 = percentile(bridge_us[name], 50), percentile(bridge_us[name], 99)
-        ratios[name] = b99 / v99
-        print(f"  {name:22s} vhci {v50:8.0f} / {v99:8.0f}   bridge {b50:8.0f} / {b99:8.0f}   "
-              f"p99 ratio {b99 / v99:.2f}  ({note})")
+        v, b = control["vhci"][name], control["bridge"][name]
+        ratios[name] = percentile(b, 99) / percentile(v, 99)
+        print(f"  {name:22s} vhci {percentile(v, 50):7.0f} / {percentile(v, 99):7.0f}   bridge {percentile(b, 50):7.0f}"
+              f" / {percentile(b, 99):7.0f}   p99 ratio {ratios[name]:.2f}  ({note})")
     print(f"  control p99 ratio bridge ÷ vhci (GET_MAX_LUN): {ratios['get_max_lun']:.2f}  (target ≤ 2)")
-    if "ffs_local_control_us" in results:
-        floor: dict[str, list[float]] = results["ffs_local_control_us"]  # type: ignore[assignment]
-        lun = floor["get_max_lun"]
-        print(f"floor: the image served by vusb's Python model through FunctionFS locally (no USB/IP): read "
-              f"{statistics.median(results['ffs_local_read_mb_s']):.1f} MB/s, GET_MAX_LUN "  # type: ignore[arg-type]
-              f"{percentile(lun, 50):.0f} / {percentile(lun, 99):.0f} µs (an answer from a FunctionFS process "
-              "waits for the UDC twice; libcomposite's own answers do not)")
+    floor: dict[str, list[float]] = results["floor_control_us"]  # type: ignore[assignment]
+    lun = floor["get_max_lun"]
+    print(f"floor: the image served by vusb's Python model through FunctionFS locally (no USB/IP, measured after): "
+          f"read {results['floor_read_mb_s']:.1f} MB/s, GET_MAX_LUN {percentile(lun, 50):.0f} / "
+          f"{percentile(lun, 99):.0f} µs")
     if "profile" in results:
         print(results["profile"])
     return read_ratio, ratios["get_max_lun"]
@@ -332,7 +311,7 @@ def main() -> int:
     parser.add_argument("vusb_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.control_of is not None:
-        print(json.dumps(measure_control(args.control_of, args.iterations)))
+        print(json.dumps(measure_control(json.loads(args.control_of), args.iterations)))
         return 0
     if args.profile_to is not None:
         return profile_attach(args.profile_to, args.vusb_args)
