@@ -5,6 +5,7 @@ refusal of isochronous devices. tests/test_gadget_bridge_kernel.py runs the same
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -145,6 +146,34 @@ def test_bulk_only_disk_through_the_bridge_moves_a_command_its_data_and_status(t
         fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 1)
         assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (2, 0, 0)
     assert image_file.read_bytes()[7 * 512:8 * 512] == b"\xEE" * 512
+
+
+def test_a_120_kib_bulk_only_read_is_one_urb_at_the_remote_and_one_gadget_write(tmp_path, remote_side):
+    image_file = tmp_path / "disk.img"
+    content = os.urandom(1 << 20)
+    image_file.write_bytes(content)
+    with ServerThread([mass_storage_device(str(image_file))]) as server:
+        handler, fake, _ = _bridged(remote_side, server.port)
+        out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
+        bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
+        bulk_in_address = next(ep.address for ep in handler.layout.endpoints if ep.is_in)
+        submitted: list[int | bytes] = []
+        device = remote_side.remote
+        assert device is not None
+        real_submit = device.submit
+
+        def counting_submit(endpoint, data_or_length, **kwargs):
+            if endpoint == bulk_in_address:
+                submitted.append(data_or_length)
+            return real_submit(endpoint, data_or_length, **kwargs)
+
+        device.submit = counting_submit  # type: ignore[method-assign]
+        # READ(10) LBA 16, 240 blocks: what usb-storage sends for a 1 MiB read on a high-speed disk
+        fake.deliver(out, _cbw(9, 240 * 512, bytes((0x28, 0, 0, 0, 0, 16, 0, 0, 240, 0))))
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 2)
+        assert submitted == [240 * 512, 13]  # the data-in as one URB, the CSW right behind it
+        assert fake.complete_write(bulk_in) == content[16 * 512 : 256 * 512]  # one write to the gadget
+        assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (9, 0, 0)
 
 
 def test_remote_with_an_isochronous_endpoint_is_refused_before_any_gadget_exists(monkeypatch):
