@@ -177,9 +177,7 @@ def serve_command(
         console.print(f"recording every session to {record}")
     try:
         asyncio.run(serve(server))
-    except VusbError:
-        raise
-    finally:
+    finally:  # also when the server never started (port in use): the images are still flushed and closed
         for dev, _ in devices:
             with contextlib.suppress(Exception):
                 dev.close()

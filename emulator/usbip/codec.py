@@ -313,6 +313,32 @@ def _read_isos(buf: Buffer, start: int, count: int) -> tuple[IsoPacketDescriptor
     )
 
 
+def _iso_count(number_of_packets: int, limits: Limits, name: str, seqnum: int, base: int) -> int:
+    """How many iso packet descriptors follow a SUBMIT header whose number_of_packets is neither 0 nor -1."""
+    if number_of_packets < -1:
+        raise _remote_field(
+            f"number_of_packets {number_of_packets} is negative (only -1, 0xffffffff, marks a non-iso URB)",
+            name,
+            seqnum,
+            "number_of_packets",
+            32,
+            base,
+        )
+    if number_of_packets > limits.max_number_of_packets:
+        raise _limit(
+            "number_of_packets",
+            number_of_packets,
+            limits.max_number_of_packets,
+            "max_number_of_packets",
+            name,
+            seqnum,
+            "number_of_packets",
+            32,
+            base,
+        )
+    return number_of_packets
+
+
 def read_cmd_submit(
     buf: Buffer, pos: int, base: int, limits: Limits, direction_of: DirectionOf | None = None
 ) -> ReadResult:
@@ -371,31 +397,10 @@ def read_cmd_submit(
             24,
             base,
         )
-    if number_of_packets > 0:
-        if number_of_packets > limits.max_number_of_packets:
-            raise _limit(
-                "number_of_packets",
-                number_of_packets,
-                limits.max_number_of_packets,
-                "max_number_of_packets",
-                name,
-                seqnum,
-                "number_of_packets",
-                32,
-                base,
-            )
-        niso = number_of_packets
-    elif number_of_packets < -1:
-        raise _remote_field(
-            f"number_of_packets {number_of_packets} is negative (only -1, 0xffffffff, marks a non-iso URB)",
-            name,
-            seqnum,
-            "number_of_packets",
-            32,
-            base,
-        )
-    else:
+    if number_of_packets == 0 or number_of_packets == -1:  # non-iso, as vhci / the rst send it
         niso = 0
+    else:
+        niso = _iso_count(number_of_packets, limits, name, seqnum, base)
     total: int = _HDR + payload + niso * _ISO_SIZE
     if len(buf) - pos < total:
         return total
@@ -444,31 +449,10 @@ def read_ret_submit(
             24,
             base,
         )
-    if number_of_packets > 0:
-        if number_of_packets > limits.max_number_of_packets:
-            raise _limit(
-                "number_of_packets",
-                number_of_packets,
-                limits.max_number_of_packets,
-                "max_number_of_packets",
-                name,
-                seqnum,
-                "number_of_packets",
-                32,
-                base,
-            )
-        niso = number_of_packets
-    elif number_of_packets < -1:
-        raise _remote_field(
-            f"number_of_packets {number_of_packets} is negative (only -1, 0xffffffff, marks a non-iso URB)",
-            name,
-            seqnum,
-            "number_of_packets",
-            32,
-            base,
-        )
-    else:
+    if number_of_packets == 0 or number_of_packets == -1:  # non-iso, as vhci / the rst send it
         niso = 0
+    else:
+        niso = _iso_count(number_of_packets, limits, name, seqnum, base)
     if direction_of is None:
         raise TypeError("read_ret_submit needs direction_of: a RET_SUBMIT header does not say its direction")
     payload = actual_length if direction_of(seqnum) == USBIP_DIR_IN else 0
