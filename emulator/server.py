@@ -38,7 +38,7 @@ from emulator.usbip import (
     Phase,
     ServerConnection,
 )
-from emulator.usbip.codec import DEFAULT_LIMITS, Limits
+from emulator.usbip.codec import DEFAULT_LIMITS, Limits, PlainSubmit
 from emulator.usbip.constants import (
     ST_DEV_BUSY,
     ST_NODEV,
@@ -71,6 +71,9 @@ _SEND_AT_ONCE = 16 << 10  # replies carrying this much data are sent before the 
 # USB 2.0 11.24.2: hub class request SET_FEATURE(PORT_RESET) — bmRequestType 0x23 (class, other)
 _PORT_RESET_REQUEST = (0x23, 0x03, 4)
 _SHORT_NOT_OK = int(URB_SHORT_NOT_OK)  # a plain int: `&` with an IntFlag member runs enum.py per URB
+_DIR_IN = int(USBIP_DIR_IN)
+_OVERFLOW = int(TransferStatus.OVERFLOW)
+_SHORT = int(TransferStatus.SHORT)
 _DONE = Phase.DONE  # a module name: `Phase.DONE` goes through EnumType.__getattr__ (Python 3.11) per read
 
 
@@ -189,6 +192,42 @@ class UrbDispatcher:
             return None
         return _ret_for(cmd, reply)
 
+    def submit_plain(self, urb: PlainSubmit) -> tuple[int, int, bytes] | None:
+        """`submit` for a URB taken with `ServerConnection.next_plain_submit` (a non-iso transfer to a
+        bulk or interrupt endpoint): its RET_SUBMIT's (status, actual_length, transfer_buffer), or None
+        when it was queued. The same length and short-packet rules as `_ret_for`, without the objects."""
+        seqnum, devid, direction, ep, flags, length, data = urb
+        is_in = direction == _DIR_IN
+        address = ep | 0x80 if is_in else ep
+        if not self._queues.get(address):
+            reply = self.device.transfer(address, None if is_in else data, length)
+            if reply is not None:
+                status = int(reply.status)
+                if not is_in:
+                    actual = reply.length
+                    return status, actual if actual < length else length, b""
+                data = reply.data
+                actual = len(data)
+                if actual > length:
+                    data = data[:length]
+                    actual = length
+                    if status == 0:
+                        status = _OVERFLOW
+                elif status == 0 and flags & _SHORT_NOT_OK and actual < length:
+                    status = _SHORT
+                return status, actual, data
+        cmd = CmdSubmit(
+            seqnum=seqnum,
+            devid=devid,
+            direction=direction,
+            ep=ep,
+            transfer_flags=flags,
+            transfer_buffer_length=length,
+            transfer_buffer=data,
+        )
+        self._queues.setdefault(address, deque()).append(cmd)
+        return None
+
     def _transfer(self, address: int, cmd: CmdSubmit) -> Reply | None:
         if cmd.direction == USBIP_DIR_IN:
             return self.device.transfer(address, None, cmd.transfer_buffer_length)
@@ -289,6 +328,18 @@ class _Session:
             conn.receive_data(data)
             out: list[bytes] = []
             while True:
+                dispatcher = self.dispatcher
+                if dispatcher is not None:  # the per-URB path: no message objects for a bulk transfer
+                    urb = conn.next_plain_submit()
+                    if urb is not None:
+                        done = dispatcher.submit_plain(urb)
+                        if done is not None:
+                            status, actual, payload = done
+                            out += conn.complete_plain(urb[0], status, actual, payload)
+                            if actual >= _SEND_AT_ONCE:  # see below
+                                self._send(out)
+                                out = []
+                        continue
                 event = conn.next_event()
                 if event is NEED_DATA:
                     break

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
 from emulator.devices.hid import Keyboard, hid_keyboard_device
+from emulator.devices.mass_storage import mass_storage_device
 from emulator.server import UrbDispatcher, UsbipServer
 from emulator.usb.setup import get_descriptor, set_configuration
 from emulator.usbip import (
@@ -283,3 +285,78 @@ def test_dispatcher_queues_per_endpoint_and_keeps_order() -> None:
     assert [r.seqnum for r in done] == [1, 2]
     assert done[0].transfer_buffer[2] == 0x05  # 'b' down, then key up
     assert done[1].transfer_buffer == bytes(8)
+
+
+def test_dispatcher_plain_path_answers_like_submit(tmp_path: Path) -> None:
+    """submit_plain (the hot path, no message objects) and submit give the same status, length and data:
+    a CBW taken, a READ(10) data phase read whole, short (URB_SHORT_NOT_OK), and cut (overflow), and the
+    CSW; and a URB the device NAKs is queued by both, then answered by retry."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(range(256)) * 128)
+
+    def run_both(urbs: list[tuple[int, int, int, int, bytes]]) -> list[list[tuple[int, int, bytes] | None]]:
+        results = []
+        for plain in (False, True):
+            dev = mass_storage_device(image, read_only=True)
+            dev.control(set_configuration(1), b"")
+            d = UrbDispatcher(dev)
+            got: list[tuple[int, int, bytes] | None] = []
+            for seqnum, (direction, ep, flags, length, data) in enumerate(urbs, start=1):
+                if plain:
+                    got.append(d.submit_plain((seqnum, 0, direction, ep, flags, length, data)))
+                else:
+                    cmd = CmdSubmit(
+                        seqnum=seqnum,
+                        devid=0,
+                        direction=direction,
+                        ep=ep,
+                        transfer_flags=flags,
+                        transfer_buffer_length=length,
+                        transfer_buffer=data,
+                    )
+                    ret = d.submit(cmd)
+                    got.append(None if ret is None else (ret.status, ret.actual_length, ret.transfer_buffer))
+            got += [(r.status, r.actual_length, r.transfer_buffer) for r in d.retry()]
+            dev.close()
+            results.append(got)
+        return results
+
+    def cbw(tag: int, length: int, blocks: int) -> bytes:
+        cdb = struct.pack(">BBIBHB", 0x28, 0, 0, 0, blocks, 0)
+        return struct.pack("<IIIBBB16s", 0x43425355, tag, length, 0x80, 0, len(cdb), cdb)
+
+    short_not_ok = 0x1  # URB_SHORT_NOT_OK
+    urbs = [
+        (USBIP_DIR_OUT, 1, 0, 31, cbw(1, 1024, 2)),
+        (USBIP_DIR_IN, 1, 0, 4096, b""),  # all 1024 bytes in a bigger buffer
+        (USBIP_DIR_IN, 1, 0, 13, b""),
+        (USBIP_DIR_OUT, 1, 0, 31, cbw(2, 2048, 4)),
+        (USBIP_DIR_IN, 1, short_not_ok, 4096, b""),  # short: -EREMOTEIO
+        (USBIP_DIR_IN, 1, 0, 13, b""),
+        (USBIP_DIR_OUT, 1, 0, 31, cbw(3, 1024, 2)),
+        (USBIP_DIR_IN, 1, 0, 512, b""),
+        (USBIP_DIR_IN, 1, 0, 512, b""),
+        (USBIP_DIR_IN, 1, 0, 4, b""),  # the CSW into 4 bytes: overflow
+        (USBIP_DIR_IN, 1, 0, 512, b""),  # no command: NAK'd, queued
+        (USBIP_DIR_OUT, 1, 0, 31, cbw(4, 512, 1)),  # ... and answered by retry()
+    ]
+    full, plain = run_both(urbs)
+    assert full == plain
+    assert [(r[0], r[1]) if r else r for r in full] == [
+        (0, 31),
+        (0, 1024),
+        (0, 13),
+        (0, 31),
+        (-121, 2048),
+        (0, 13),
+        (0, 31),
+        (0, 512),
+        (0, 512),
+        (-75, 4),
+        None,
+        (0, 31),
+        (0, 512),
+    ]
+    assert full[1][2] == bytes(range(256)) * 4
+    assert any(r is not None and r[0] == -121 for r in full)
+    assert any(r is not None and r[0] == -75 for r in full)

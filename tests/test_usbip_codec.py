@@ -651,3 +651,10 @@ def test_pack_iov_joined_equals_pack_and_keeps_the_payload_uncopied(message):
     payload = getattr(message, "transfer_buffer", b"")
     if payload and not getattr(message, "iso_packet_descriptors", ()):
         assert iov[1] is payload
+
+
+@given(st.integers(0, 0xFFFFFFFF), st.integers(-(1 << 31), (1 << 31) - 1), st.integers(0, (1 << 31) - 1))
+def test_ret_submit_header_is_pack_iov_of_the_message(seqnum, status, actual_length):
+    """The server's per-URB header packer writes the bytes the message packer writes."""
+    ret = RetSubmit(seqnum=seqnum, status=status, actual_length=actual_length)
+    assert codec.ret_submit_header(seqnum, status, actual_length) == codec.pack_iov(ret)[0]

@@ -937,3 +937,121 @@ def test_trailing_data_returns_unconsumed_bytes_and_eof_for_handing_the_socket_o
     assert server.trailing_data == (b"\x00\x00\x00\x01partial", False)
     server.receive_data(b"")
     assert server.trailing_data[1] is True
+
+
+# -- the plain-submit fast path: the same stream, the same replies, the same state as next_event() --------
+
+
+def _fast_or_full(server):
+    """Take the next event the way the server's hot path does: next_plain_submit, else next_event."""
+    plain = server.next_plain_submit()
+    if plain is None:
+        return server.next_event()
+    seqnum, devid, direction, ep, flags, length, data = plain
+    return CmdSubmit(
+        seqnum=seqnum,
+        devid=devid,
+        direction=direction,
+        ep=ep,
+        transfer_flags=flags,
+        transfer_buffer_length=length,
+        transfer_buffer=data,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([USBIP_DIR_IN, USBIP_DIR_OUT]),
+            st.integers(0, 15),
+            st.sampled_from([0, -1, 2]),
+            st.binary(max_size=600),
+            st.integers(0, 4096),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(1, 97),
+)
+def test_plain_submit_fast_path_decodes_and_answers_like_next_event(urbs, chunk):
+    """Any split of a stream of CMD_SUBMITs (ep0, iso and non-iso among them) gives the same events through
+    next_plain_submit + next_event as through next_event alone, and complete_plain the same bytes as
+    complete_iov."""
+    cmds = []
+    for seqnum, (direction, ep, packets, data, length) in enumerate(urbs, start=1):
+        iso = (IsoPacketDescriptor(offset=0, length=8),) * packets if packets > 0 else ()
+        cmds.append(
+            CmdSubmit(
+                seqnum=seqnum,
+                devid=DEVID,
+                direction=direction,
+                ep=ep,
+                transfer_flags=seqnum,
+                transfer_buffer_length=len(data) if direction == USBIP_DIR_OUT else length,
+                number_of_packets=packets,
+                transfer_buffer=data if direction == USBIP_DIR_OUT else b"",
+                iso_packet_descriptors=iso,
+            )
+        )
+    stream = b"".join(pack(c) for c in cmds)
+    _, full = imported_pair()
+    _, fast = imported_pair()
+    full_events, fast_events = [], []
+    for at in range(0, len(stream), chunk):
+        full.receive_data(stream[at : at + chunk])
+        fast.receive_data(stream[at : at + chunk])
+        full_events += drain(full)
+        while (event := _fast_or_full(fast)) is not NEED_DATA:
+            fast_events.append(event)
+    assert len(full_events) == len(fast_events) == len(cmds)
+    for cmd, a, b in zip(cmds, full_events, fast_events, strict=True):
+        assert a == cmd
+        for name in ("seqnum", "devid", "direction", "ep", "transfer_flags", "transfer_buffer_length"):
+            assert getattr(a, name) == getattr(b, name)
+        assert a.transfer_buffer == b.transfer_buffer
+    assert set(full.pending_seqnums) == set(fast.pending_seqnums)
+    for cmd in cmds:
+        if cmd.is_iso:
+            continue
+        data = bytes(cmd.transfer_buffer_length % 300) if cmd.direction == USBIP_DIR_IN else b""
+        actual = len(data) if cmd.direction == USBIP_DIR_IN else cmd.transfer_buffer_length
+        ret = RetSubmit(
+            seqnum=cmd.seqnum, status=-32 * (cmd.seqnum % 2), actual_length=actual, transfer_buffer=data
+        )
+        assert b"".join(fast.complete_plain(cmd.seqnum, ret.status, actual, data)) == full.complete(ret)
+    assert set(full.pending_seqnums) == set(fast.pending_seqnums)
+
+
+def test_plain_submit_fast_path_leaves_errors_to_next_event():
+    """A foreign devid or a reused seqnum is not taken by the fast path: next_event raises as always."""
+    client, server = imported_pair()
+    seqnum = submit(client, server)
+    server.receive_data(pack(CmdSubmit(seqnum=seqnum, devid=DEVID, direction=USBIP_DIR_IN, ep=1)))
+    assert server.next_plain_submit() is None
+    with pytest.raises(RemoteSeqnumError):
+        server.next_event()
+    _, server = imported_pair()
+    server.receive_data(pack(CmdSubmit(seqnum=1, devid=DEVID + 1, direction=USBIP_DIR_IN, ep=1)))
+    assert server.next_plain_submit() is None
+    with pytest.raises(RemoteFieldError):
+        server.next_event()
+
+
+def test_complete_plain_of_an_unlinked_urb_sends_the_ret_unlink():
+    client, server = imported_pair()
+    server.receive_data(client.send(CmdSubmit(seqnum=client.next_seqnum(), devid=DEVID, direction=1, ep=1)))
+    target = server.next_plain_submit()
+    assert target is not None
+    unlink_seqnum = unlink(client, server, target[0])
+    reply = b"".join(server.complete_plain(target[0], 0, 3, b"abc"))
+    assert reply == pack(RetUnlink(seqnum=unlink_seqnum, status=0))
+    assert not server.pending_seqnums
+
+
+def test_complete_plain_checks_lengths_like_complete_iov():
+    client, server = imported_pair()
+    seqnum = submit(client, server, length=4)
+    with pytest.raises(LocalLengthMismatchError):
+        server.complete_plain(seqnum, 0, 5, b"abcde")
+    assert seqnum in server.pending_seqnums

@@ -423,6 +423,40 @@ def read_cmd_submit(
     return message, total
 
 
+# Plain ints for the per-URB comparisons (an IntEnum operand costs more).
+_CMD_SUBMIT_COMMAND: Final = int(USBIP_CMD_SUBMIT)
+_DIR_IN: Final = int(USBIP_DIR_IN)
+_DIR_OUT: Final = int(USBIP_DIR_OUT)
+
+PlainSubmit: TypeAlias = tuple[int, int, int, int, int, int, bytes]
+"""A plain CMD_SUBMIT as the hot path takes it: (seqnum, devid, direction, ep, transfer_flags,
+transfer_buffer_length, transfer_buffer)."""
+
+
+def read_plain_cmd_submit(buf: Buffer, limits: Limits) -> tuple[PlainSubmit, int] | None:
+    """`read_cmd_submit` for the message a disk or serial port sees thousands of times a second: a
+    complete non-isochronous CMD_SUBMIT to an endpoint other than ep0 at buf[0], as a tuple (no message
+    object), with its size. None for anything else (another message, ep0, iso, one not all in yet, one
+    `read_cmd_submit` would reject): the caller then takes the full reader, which decodes it or names the
+    error. start_frame, interval and setup mean nothing to a bulk or interrupt URB and are not returned."""
+    if len(buf) < _HDR:
+        return None
+    command, seqnum, devid, direction, ep, flags, length, _, packets, _, _ = _CMD_SUBMIT.unpack_from(buf, 0)
+    if (
+        command != _CMD_SUBMIT_COMMAND
+        or not 0 < ep <= 15
+        or not (packets == 0 or packets == -1)
+        or not 0 <= length <= limits.max_transfer_buffer_length
+    ):
+        return None
+    if direction == _DIR_IN:
+        return (seqnum, devid, direction, ep, flags, length, b""), _HDR
+    if direction != _DIR_OUT or len(buf) < _HDR + length:
+        return None
+    total = _HDR + length
+    return (seqnum, devid, direction, ep, flags, length, _take(buf, _HDR, total) if length else b""), total
+
+
 def read_ret_submit(
     buf: Buffer, pos: int, base: int, limits: Limits, direction_of: DirectionOf | None = None
 ) -> ReadResult:
@@ -962,6 +996,17 @@ def _iov_ret_submit(m: RetSubmit) -> list[bytes]:
     return [header, tb] if tb else [header]
 
 
+def ret_submit_header(seqnum: int, status: int, actual_length: int) -> bytes:
+    """The 48-byte header of a non-isochronous RET_SUBMIT as the stub sends it (devid, direction, ep,
+    start_frame, number_of_packets and error_count 0): `pack_iov(RetSubmit(seqnum=..., status=...,
+    actual_length=...))[0]` in one struct call, for the server's per-URB path. A value the wire cannot
+    carry raises struct.error (the caller falls back to `pack_iov`, which names the field)."""
+    return _RET_SUBMIT.pack(_RET_SUBMIT_COMMAND, seqnum, 0, 0, 0, status, actual_length, 0, 0, 0)
+
+
+_RET_SUBMIT_COMMAND: Final = int(USBIP_RET_SUBMIT)
+
+
 def _pack_cmd_unlink(m: CmdUnlink) -> bytes:
     values = (USBIP_CMD_UNLINK, m.seqnum, m.devid, m.direction, m.ep, m.unlink_seqnum)
     try:
@@ -1139,6 +1184,7 @@ __all__ = [
     "Buffer",
     "DirectionOf",
     "Limits",
+    "PlainSubmit",
     "ReadResult",
     "Reader",
     "message_name",
@@ -1151,8 +1197,10 @@ __all__ = [
     "read_op_rep_import",
     "read_op_req_devlist",
     "read_op_req_import",
+    "read_plain_cmd_submit",
     "read_ret_submit",
     "read_ret_unlink",
+    "ret_submit_header",
     "unpack",
     "unpack_header_basic",
 ]

@@ -34,6 +34,7 @@ recover. After `ConnectionClosed` nothing can be sent.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import KeysView, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -44,9 +45,12 @@ from emulator.usbip.codec import (
     DEFAULT_LIMITS,
     READERS,
     Limits,
+    PlainSubmit,
     message_name,
     pack_iov,
     peek_message_type,
+    read_plain_cmd_submit,
+    ret_submit_header,
 )
 from emulator.usbip.constants import ECONNRESET, ST_OK, USBIP_DIR_IN
 from emulator.usbip.errors import (
@@ -415,6 +419,63 @@ class ServerConnection(_Connection):
             assert isinstance(message, OpReqDevlist | OpReqImport)
             self._request = message
             self._set_phase(Phase.OP_REPLY)
+
+    def next_plain_submit(self) -> PlainSubmit | None:
+        """The next event if it is a plain CMD_SUBMIT — non-isochronous, to an endpoint other than ep0,
+        whole, and passing every check `next_event()` makes — as a tuple (`codec.PlainSubmit`) instead of
+        a message object, for a server's per-URB path. Otherwise None and nothing is consumed: call
+        `next_event()`, which returns the event, NEED_DATA, or raises the error. Answer it with
+        `complete_plain` (or `complete_iov`): the URB is outstanding as any other."""
+        if self._phase is not _URB:
+            return None
+        found = read_plain_cmd_submit(self._buf, self.limits)
+        if found is None:
+            return None
+        submit, consumed = found
+        seqnum = submit[0]
+        if (
+            submit[1] != self._devid
+            or seqnum in self._submits
+            or seqnum in self._unlinks
+            or logger.isEnabledFor(logging.DEBUG)  # next_event() logs each message
+        ):
+            return None
+        del self._buf[:consumed]
+        self._base += consumed
+        self._submits[seqnum] = (submit[2], submit[5], 0)
+        return submit
+
+    def complete_plain(
+        self, seqnum: int, status: int, actual_length: int, transfer_buffer: bytes = b""
+    ) -> list[bytes]:
+        """`complete_iov(RetSubmit(seqnum=seqnum, status=status, actual_length=actual_length,
+        transfer_buffer=transfer_buffer))` — the same bytes, checks and unlink handling — without the
+        message object when nothing is unusual (the URB is pending, not unlinked, the lengths fit)."""
+        urb = self._submits.get(seqnum)
+        if urb is not None and self._phase is _URB and seqnum not in self._unlinking:
+            direction, transfer_buffer_length, number_of_packets = urb
+            if (
+                number_of_packets <= 0
+                and 0 <= actual_length <= transfer_buffer_length
+                and (
+                    len(transfer_buffer) == actual_length
+                    if direction == USBIP_DIR_IN
+                    else not transfer_buffer
+                )
+                and not logger.isEnabledFor(logging.DEBUG)  # complete_iov() logs each message
+            ):
+                try:
+                    header = ret_submit_header(seqnum, status, actual_length)
+                except struct.error:
+                    pass  # a status the wire cannot carry: complete_iov names it
+                else:
+                    del self._submits[seqnum]
+                    return [header, transfer_buffer] if transfer_buffer else [header]
+        return self.complete_iov(
+            RetSubmit(
+                seqnum=seqnum, status=status, actual_length=actual_length, transfer_buffer=transfer_buffer
+            )
+        )
 
     # -- sending -------------------------------------------------------------------------------------------
 
