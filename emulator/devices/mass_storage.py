@@ -268,19 +268,28 @@ class BulkOnlyTransport:
         else:
             self._nak = True  # data-in or status pending: the next CBW has to wait for the CSW to go
             return None
-        self._wake()
+        if self._nak:
+            self._wake()
         return reply
 
     def _command_block(self, data: bytes | bytearray | memoryview) -> Reply:
         # The packet is taken; any stall comes afterwards. (A frozen constant for the usual 31 bytes.)
-        accepted = _CBW_TAKEN if len(data) == US_BULK_CB_WRAP_LEN else Reply(actual_length=len(data))
-        try:
-            tag, h, flags, lun, cdb = _decode_cbw(data)
-        except MassStorageError as exc:
-            self._stall_until_reset(f"invalid CBW ({exc})")
-            return accepted
+        if len(data) == US_BULK_CB_WRAP_LEN:  # _decode_cbw's valid case, without the call
+            accepted = _CBW_TAKEN
+            signature, tag, h, flags, lun, cb_length, cdb = _CBW.unpack(data)
+            if cb_length < 16:
+                cdb = cdb[:cb_length]
+        else:
+            accepted = Reply(actual_length=len(data))
+            signature = 0
+        if signature != US_BULK_CB_SIGN:
+            try:
+                tag, h, flags, lun, cdb = _decode_cbw(data)  # raises: it says why the CBW is not valid
+            except MassStorageError as exc:
+                self._stall_until_reset(f"invalid CBW ({exc})")
+                return accepted
         # "Meaningful" (BOT §6.2.2): no reserved bits, a LUN the device has, a CB length of 1..16.
-        if flags & ~US_BULK_FLAG_IN & 0xFF or lun > self.target.max_lun or not 1 <= data[14] <= 16:
+        if flags & ~US_BULK_FLAG_IN & 0xFF or (lun and lun > self.target.max_lun) or not 1 <= data[14] <= 16:
             self._stall_until_reset(
                 f"CBW not meaningful (flags {flags:#04x}, LUN {lun}, CB length {data[14]})"
             )
@@ -403,7 +412,8 @@ class BulkOnlyTransport:
                 self._zlp_pending = False
                 return Reply(data=b"")
             reply = self._send_csw(length)
-            self._wake()
+            if self._nak:
+                self._wake()
             return reply
         self._nak = True  # nothing to send yet: no command, or the host is still sending data-out
         return None
@@ -417,7 +427,12 @@ class BulkOnlyTransport:
         self._moved += got
         self._device_left = self._device_left - got if got == n else 0  # short: the device ran out (error)
         if self._device_left == 0:
-            self._end_data_in(cmd.finish(), filled=got == length)
+            status = cmd.finish()
+            if self._moved < self._host_length:  # short of what the host asked for: BOT §6.7.2
+                self._end_data_in(status, filled=got == length)
+            else:  # _end_data_in's usual case
+                self._scsi_status = status
+                self.phase = _STATUS
         return Reply(data=data)
 
     def _send_csw(self, length: int) -> Reply:
@@ -484,7 +499,7 @@ class MassStorageFunction(Function):
                 reply = bot.bulk_out(data if data is not None else b"")
             else:
                 reply = bot.bulk_in(length)
-            if bot.in_halted or bot.out_halted:
+            if bot._in_halted or bot._out_halted:  # not the properties: once per transfer
                 self._sync_halts()
         return reply
 

@@ -381,6 +381,8 @@ def _ascii_field(value: str, width: int, what: str) -> bytes:
 
 _Handler = Callable[["ScsiTarget", LogicalUnit, bytes], Command]
 
+_LBA_COUNT_10 = struct.Struct(">2xI1xH")  # a ten-byte CDB's LOGICAL BLOCK ADDRESS and TRANSFER LENGTH
+
 # Minimum CDB length of each operation code group (SPC-4 §4.2.5.1): 00-1F six bytes, 20-5F ten, 80-9F
 # sixteen, A0-BF twelve.
 _GROUP_CDB_LENGTH = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
@@ -711,15 +713,18 @@ class ScsiTarget:
         # RDPROTECT / WRPROTECT / VRPROTECT (not in the 6-byte CDBs): no protection information here.
         if cdb[0] in _PROTECT_FIELD_OPCODES and cdb[1] >> 5:
             return INVALID_FIELD_IN_CDB.at(1)
-        sense = unit.not_ready()
-        if sense:
-            return sense
-        if write and unit.write_protected:
-            return WRITE_PROTECTED
         store = unit.store
-        assert store is not None
-        lba, count = self._lba_and_count(cdb)
-        if lba + count > store.block_count:
+        if store is None or unit.ejected or unit.stopped:  # what not_ready() tests, without the calls
+            sense = unit.not_ready()
+            assert sense is not None
+            return sense
+        if write and store.read_only:
+            return WRITE_PROTECTED
+        if cdb[0] >> 5 == 1:  # READ(10), WRITE(10), VERIFY(10), SYNCHRONIZE CACHE(10): one unpack
+            lba, count = _LBA_COUNT_10.unpack_from(cdb)
+        else:
+            lba, count = self._lba_and_count(cdb)
+        if lba + count > store.size // store.block_size:
             return LBA_OUT_OF_RANGE
         return lba, count
 
