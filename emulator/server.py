@@ -372,13 +372,43 @@ class _Session:
         if self.server.tap is not None:
             self.server.tap(self.cid, False, b"".join(parts))
         out = self._out
-        waiting = bool(out)
-        out.extend(parts)
-        self._out_bytes += sum(map(len, parts))
-        if not waiting:  # otherwise the writer callback sends it after what is already queued
-            self._flush()
+        if not out and len(parts) <= _IOV_MAX:  # nothing waiting: the usual case, all of it goes at once
+            try:
+                sent = self.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # _flush below meets the error again and closes
+            size = sum(map(len, parts))
+            if sent == size:
+                return
+            out.extend(parts)
+            self._out_bytes = size
+            self._consume(sent)
+        else:
+            waiting = bool(out)
+            out.extend(parts)
+            self._out_bytes += sum(map(len, parts))
+            if waiting:  # the writer callback sends it after what is already queued
+                if self._out_bytes > _HIGH_WATER:
+                    self._pause_reading()
+                return
+        self._flush()
         if self._out_bytes > _HIGH_WATER:
             self._pause_reading()
+
+    def _consume(self, sent: int) -> None:
+        """Drop the first `sent` bytes of `_out` (the socket took them)."""
+        out = self._out
+        self._out_bytes -= sent
+        while sent:
+            head = out[0]
+            if sent >= len(head):
+                sent -= len(head)
+                out.popleft()
+            else:
+                out[0] = memoryview(head)[sent:]
+                sent = 0
 
     def _flush(self) -> None:
         out = self._out
@@ -395,19 +425,11 @@ class _Session:
                     self.loop.remove_writer(self.sock)
                 self.close(f"connection lost: {exc}")
                 return
-            if sent == self._out_bytes:  # the usual case: all of it went
+            if sent == self._out_bytes:  # all of it went
                 out.clear()
                 self._out_bytes = 0
                 break
-            self._out_bytes -= sent
-            while sent:
-                head = out[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    out.popleft()
-                else:
-                    out[0] = memoryview(head)[sent:]
-                    sent = 0
+            self._consume(sent)
         if out:
             if not self._writing:
                 self._writing = True

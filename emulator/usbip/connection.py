@@ -52,7 +52,7 @@ from emulator.usbip.codec import (
     read_plain_cmd_submit,
     ret_submit_header,
 )
-from emulator.usbip.constants import ECONNRESET, ST_OK, USBIP_DIR_IN
+from emulator.usbip.constants import ECONNRESET, ST_OK, USBIP_DIR_IN, USBIP_HEADER_SIZE
 from emulator.usbip.errors import (
     LocalFieldError,
     LocalLengthMismatchError,
@@ -148,6 +148,7 @@ class _Connection:
         self._unlinking: dict[int, int] = {}  # target seqnum -> seqnum of the CMD_UNLINK that cancels it
         self._unlinks: dict[int, int] = {}  # CMD_UNLINK seqnum -> target seqnum, until its RET_UNLINK
         self._direction_hook = self._direction_of  # bound once, not per message
+        self._debug = logger.isEnabledFor(logging.DEBUG)  # for the plain-submit path: looked up per batch
         self._set_phase(Phase.OP)
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -200,6 +201,7 @@ class _Connection:
             if data:
                 raise LocalPhaseError(f"receive_data() got {len(data)} bytes after the end of the stream")
             return
+        self._debug = logger.isEnabledFor(logging.DEBUG)
         if data:
             self._buf += data
         else:
@@ -426,7 +428,7 @@ class ServerConnection(_Connection):
         a message object, for a server's per-URB path. Otherwise None and nothing is consumed: call
         `next_event()`, which returns the event, NEED_DATA, or raises the error. Answer it with
         `complete_plain` (or `complete_iov`): the URB is outstanding as any other."""
-        if self._phase is not _URB:
+        if self._phase is not _URB or len(self._buf) < USBIP_HEADER_SIZE:  # the end of a batch
             return None
         found = read_plain_cmd_submit(self._buf, self.limits)
         if found is None:
@@ -437,7 +439,7 @@ class ServerConnection(_Connection):
             submit[1] != self._devid
             or seqnum in self._submits
             or seqnum in self._unlinks
-            or logger.isEnabledFor(logging.DEBUG)  # next_event() logs each message
+            or self._debug  # next_event() logs each message
         ):
             return None
         del self._buf[:consumed]
@@ -462,7 +464,7 @@ class ServerConnection(_Connection):
                     if direction == USBIP_DIR_IN
                     else not transfer_buffer
                 )
-                and not logger.isEnabledFor(logging.DEBUG)  # complete_iov() logs each message
+                and not self._debug  # complete_iov() logs each message
             ):
                 try:
                     header = ret_submit_header(seqnum, status, actual_length)
