@@ -20,13 +20,15 @@ as the TCP conversation they were, in one pcapng interface of link type Ethernet
 * metadata: `shb_userappl` "vusb <version>", comments naming the mode, the address and the devices, and comments
   on the frames where a connection opens, imports a device and closes.
 
-Cost and durability: a tap call only stamps the time and copies the bytes into a ring (a few microseconds per
-64 KiB on the session's event loop); the recorder's own thread lets two milliseconds of calls gather, frames them and writes
-the batch with one `writev`, which runs without the GIL. So a crash of the process loses what that thread had
-not written yet: normally the last few milliseconds of traffic, at most `high_water` bytes (32 MiB) when the
-disk is slower than the session — beyond that a tap call waits for the disk. A SIGKILL landing inside a write
-can cut the last block short (tshark reads everything before it). No fsync: a machine crash can lose what the
-page cache held. When the file cannot be written (disk full, quota, file size limit, I/O error) the recorder
+Cost and durability: a tap call frames what the socket moved and writes it with one `writev` before it returns,
+on the edge's own thread: the frame headers are packed in one pass over the call's buffers and the payload goes to
+the kernel as the edge's buffers (or views of them), never copied in Python. No queue and no recorder thread:
+with one core per process (server and client of a loopback benchmark) a thread has no free core to run on, and
+its GIL hand-overs cost more than the write. A tap that gets a reply batch as the buffers the edge passes to
+`sendmsg` (`SessionTap.data_iov`) records it without the edge joining them. So what a peer was sent is in the
+page cache when the call returns: a crash of the process loses nothing already sent (a SIGKILL landing inside a
+write can cut that last block short; tshark reads everything before it). No fsync: a machine crash can lose what
+the page cache held. When the file cannot be written (disk full, quota, file size limit, I/O error) the recorder
 cuts it back to the last whole block, logs one error and stops recording; the session it watched goes on. An
 exception inside the recorder is handled the same way: recording must never take a server down.
 """
@@ -34,12 +36,11 @@ exception inside the recorder is handled the same way: recording must never take
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
-import mmap
 import os
 import platform
-import queue
 import struct
 import threading
 import time
@@ -85,6 +86,9 @@ _URB = struct.Struct(">IIIIIIiiI")  # usbip_header_basic, then the first four wo
 _EPB_HEAD = struct.Struct("<IIIIIII")
 _U32 = struct.Struct("<I")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by caplen % 4
+_MAX_SEGMENT = wire.MAX_SEGMENT
+# a frame's end: padding to 32 bits and the block's length again, indexed by the padding's size
+_TAILS = tuple(struct.Struct(f"<{pad}xI").pack for pad in range(4))
 
 
 class RecordError(CaptureError):
@@ -135,8 +139,8 @@ def exported_devices(
 class _Stream:
     """One direction of one connection: where its USB/IP messages begin and end.
 
-    `cut(data)` returns the offsets in `data` where segments end, each with the comment (if any) for the
-    segment ending there: the end of `data` always, and, in the server's direction (`split`), every message end.
+    `cut` is fed the bytes of a tap call a buffer at a time and notes where messages end; the recorder ends a
+    segment there (server's direction only) and at the end of each tap call.
     """
 
     __slots__ = ("comment", "conn", "from_client", "head", "position", "raw", "remaining", "split")
@@ -151,9 +155,10 @@ class _Stream:
         self.comment: str | None = None
         self.position = 0  # stream offset of the next byte, for the lost-framing comment
 
-    def cut(self, data: bytes | memoryview) -> list[tuple[int, str | None]]:
+    def cut(self, data: bytes | bytearray | memoryview, base: int, cuts: list[tuple[int, str | None]]) -> None:
+        """Append to `cuts` the offsets (plus `base`) in `data` where messages end, with each one's comment (if
+        any), in the server's direction (`split`); the client's segments end where its socket writes did."""
         n = len(data)
-        cuts: list[tuple[int, str | None]] = []
         pos = 0
         unpack = _URB.unpack_from
         directions = self.conn.directions
@@ -167,7 +172,7 @@ class _Stream:
                 pos += remaining
                 self.remaining = 0
                 if self.split:
-                    cuts.append((pos, self.comment))
+                    cuts.append((base + pos, self.comment))
                     self.comment = None
                 continue
             if not self.head and n - pos >= 48 and data[pos] == 0 and data[pos + 1] == 0:
@@ -207,11 +212,7 @@ class _Stream:
             if total < 0:
                 break
             self.remaining = total
-        if not cuts or cuts[-1][0] != n:
-            cuts.append((n, self.comment))
-            self.comment = None
         self.position += n
-        return cuts
 
     def _lose(self, pos: int, why: str) -> int:
         self.raw = True
@@ -224,7 +225,7 @@ class _Stream:
         log.debug("connection %d: %s", self.conn.number, self.comment)
         return -1
 
-    def _measure(self, buf: bytes | memoryview, pos: int, end: int) -> int | None:
+    def _measure(self, buf: bytes | bytearray | memoryview, pos: int, end: int) -> int | None:
         """The length of the message starting at buf[pos]: None if more bytes are needed to tell, -1 if the
         stream cannot be followed (then `raw` is set). Notes what the message means to `comment`."""
         avail = end - pos
@@ -301,17 +302,20 @@ class _Stream:
         return self._lose(pos, f"op code {code:#06x}")
 
 
-def _cstr(raw: bytes | memoryview) -> str:
+def _cstr(raw: bytes | bytearray | memoryview) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode("ascii", "replace")
 
 
 class _Conn:
     """One recorded connection: its TCP framing and both directions' USB/IP framing."""
 
-    __slots__ = ("busid", "directions", "number", "recorder", "streams", "tcp", "unlinks")
+    __slots__ = ("busid", "directions", "ipv4", "key", "number", "recorder", "streams", "tcp", "unlinks")
 
-    def __init__(self, recorder: PcapngRecorder, number: int, client: Address, server: Address) -> None:
+    def __init__(
+        self, recorder: PcapngRecorder, key: tuple[int, int], number: int, client: Address, server: Address
+    ) -> None:
         self.recorder = recorder
+        self.key = key
         self.number = number
         client_port = client[1] if client[1] != USBIP_PORT else USBIP_PORT + 1
         self.tcp = wire.TcpFrames(
@@ -325,32 +329,38 @@ class _Conn:
         self.unlinks: dict[int, int] = {}  # seqnum of an unanswered CMD_UNLINK -> the seqnum it unlinks
         self.busid: str | None = None
         self.streams = {True: _Stream(self, True), False: _Stream(self, False)}
+        # (server's, client's) header layouts for the recorder's fast paths; None for IPv6 (the general path)
+        self.ipv4 = None if self.tcp.ipv6 else (_layout(self.tcp, False), _layout(self.tcp, True))
+
+
+_Layout = tuple[Any, bytes, bytes, int]  # an IPv4 header's pack, and its constants (wire.TcpFrames.ipv4_layout)
+
+
+def _layout(tcp: wire.TcpFrames, to_server: bool) -> _Layout:
+    header, prefix, route, base = tcp.ipv4_layout(to_server)
+    return header.pack, prefix, route, base
 
 
 class _EdgeTap:
     """A `SessionTap` (and plain tap) feeding one recorder, with its own space of connection ids."""
 
-    __slots__ = ("_edge", "_recorder")
+    __slots__ = ("_edge", "_recorder", "data", "data_iov")
 
     def __init__(self, recorder: PcapngRecorder, edge: int) -> None:
         self._recorder = recorder
         self._edge = edge
+        # bound once: a tap call is one Python call into the recorder, not a method lookup and a forward
+        self.data_iov = functools.partial(recorder._on_data, edge)
+        self.data = functools.partial(recorder._on_chunk, edge)
 
     def opened(self, cid: int, client: Address, server: Address) -> None:
         self._recorder._on_open((self._edge, cid), client, server)
 
-    def data(self, cid: int, from_client: bool, data: bytes) -> None:
-        self._recorder._on_data((self._edge, cid), from_client, data)
-
     def closed(self, cid: int, reason: str) -> None:
         self._recorder._on_close((self._edge, cid), reason)
 
-    __call__ = data
-
-
-_OPEN, _DATA, _CLOSE, _NOTE, _STOP = range(5)
-# seconds the recorder thread lets tap calls gather: one GIL hand-over and one writev per batch, not per call
-_BATCH_DELAY = 0.002
+    def __call__(self, cid: int, from_client: bool, data: bytes) -> None:
+        self._recorder._on_data(self._edge, cid, from_client, (data,))
 
 
 class PcapngRecorder:
@@ -360,11 +370,10 @@ class PcapngRecorder:
     server (host), `devices` the exported or imported devices. The file is created (truncated) and its header
     written at once, so a path that cannot be written raises `RecordError` before anything is served.
 
-    Two threads. A tap call only stamps the time and copies the bytes into a ring of `ring_size` bytes; the
-    recorder's own thread frames them and writes them with `writev`, which runs without the GIL, so neither the
-    framing's Python nor the copy into the page cache sits on the session's event loop, and they overlap with
-    its socket calls. `high_water` bounds the bytes queued: past it a tap call waits for the disk (the session
-    slows down rather than the queue growing without limit).
+    Each tap call frames what it is given and writes it with one `writev` before it returns, on the caller's
+    thread: no copy in Python (the payload buffers go to the kernel as they are), no queue, no thread to hand
+    the GIL to, and nothing held back that a crash could lose. A lock keeps the frames of tap calls from
+    several threads whole and in order.
     """
 
     def __init__(
@@ -375,33 +384,20 @@ class PcapngRecorder:
         address: str,
         devices: Iterable[RecordedDevice] = (),
         comment: str | None = None,
-        high_water: int = 32 << 20,
-        ring_size: int = 16 << 20,
     ) -> None:
         self.path = Path(path)
         self.mode = mode
         self.address = address
         self.devices = {d.busid: d for d in devices}
-        self.high_water = high_water
         self.frames = 0
         self.connections = 0
         self.error: str | None = None
         self._conns: dict[tuple[int, int], _Conn] = {}
         self._edges = itertools.count()
         self._notes: list[str] = []
-        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._queued = 0  # payload bytes queued (written by the tap side only)
-        # Tap data is copied into this ring (memory that stays mapped) rather than kept as the edge's own bytes
-        # objects: holding those for a batch makes the allocator give pages back and fault them in again, which
-        # costs the session more than the copy. Positions are running byte counts; the ring index is mod size.
-        self._ring = mmap.mmap(-1, ring_size)
-        self._ring_view = memoryview(self._ring)
-        self._produced = 0  # ring bytes handed out (tap side, under _ring_lock)
-        self._released = 0  # ring bytes written and given back (recorder thread)
-        self._ring_lock = threading.Lock()
-        self._done = 0  # payload bytes framed and written (written by the recorder thread only)
+        self._lock = threading.Lock()
         self._closed = False
-        self._close_lock = threading.Lock()
+        self._off = False  # closed, or stopped by an error: tap calls return at once
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -415,8 +411,6 @@ class PcapngRecorder:
             raise RecordError(f"cannot record to {self.path}: {exc.strerror or exc}") from None
         self._fd = fd
         self._offset = len(header)  # end of the last whole block written
-        self._thread = threading.Thread(target=self._run, name=f"vusb-record {self.path.name}", daemon=True)
-        self._thread.start()
 
     # -- the header ------------------------------------------------------------------------------------
 
@@ -459,7 +453,7 @@ class PcapngRecorder:
         device = self.devices.get(busid)
         return device.label() if device is not None else busid
 
-    # -- the tap side (the session's thread): stamp, queue, return ----------------------------------------
+    # -- the tap side (the edge's thread): frame, write, return ------------------------------------------
 
     @property
     def tap(self) -> _EdgeTap:
@@ -469,101 +463,233 @@ class PcapngRecorder:
 
     def annotate(self, note: str) -> None:
         """A comment for the next frame written (e.g. what enumeration learnt about an imported device)."""
-        if not self._closed:
-            self._queue.put((_NOTE, note))
+        with self._lock:
+            if not self._closed:
+                self._notes.append(note)
 
     def _on_open(self, key: tuple[int, int], client: Address, server: Address) -> None:
-        if not self._closed and self.error is None:
-            self._queue.put((_OPEN, key, time.time_ns(), client, server))
+        with self._lock:
+            if not self._closed and self.error is None:
+                out: list[Any] = []
+                self._guarded(out, self._open_conn, out, key, time.time_ns(), client, server)
 
-    def _on_data(self, key: tuple[int, int], from_client: bool, data: bytes) -> None:
-        if self._closed or self.error is not None or not data:
+    def _on_chunk(self, edge: int, cid: int, from_client: bool, data: bytes | memoryview) -> None:
+        self._on_data(edge, cid, from_client, (data,))
+
+    def _on_data(
+        self, edge: int, cid: int, from_client: bool, parts: Sequence[bytes | bytearray | memoryview]
+    ) -> None:
+        """`parts`, in order, crossed connection `cid` of tap `edge` (one socket write or read)."""
+        if self._off:
             return
+        stamp = time.time_ns()
+        with self._lock:
+            if self._off:
+                return
+            out: list[Any] = []
+            try:
+                conn = self._conns.get((edge, cid))
+                layouts = conn.ipv4 if conn is not None else None
+                if conn is None or layouts is None or self._notes:
+                    self._frame_data(out, (edge, cid), stamp, from_client, parts)
+                elif from_client:
+                    self._frame_client(out, conn, layouts[1], stamp, parts)
+                else:
+                    self._frame_server(out, conn, layouts[0], stamp, parts)
+            except Exception as exc:  # a recorder bug must not break the session
+                self._fail(f"internal error: {exc!r}", exc)
+                return
+            try:
+                if len(out) <= _IOV_MAX:  # _write's usual case, inline
+                    size = sum(map(len, out))
+                    if os.writev(self._fd, out) == size:
+                        self._offset += size
+                        return
+                    os.lseek(self._fd, self._offset, os.SEEK_SET)  # a short write: again, to finish or fail
+                self._write(out)
+            except OSError as exc:
+                self._fail(exc.strerror or str(exc))
+
+    def _frame_server(
+        self,
+        out: list[Any],
+        conn: _Conn,
+        layout: _Layout,
+        stamp: int,
+        parts: Sequence[bytes | bytearray | memoryview],
+    ) -> None:
+        """`_frame_data` for the server's usual bytes (RET_SUBMITs of an IPv4 connection), in one loop: each
+        message's buffers (or views of them) go to `out` between its frames' headers and tails. At anything
+        else at a message start, what follows goes to `_frame_data`, which takes over at that boundary."""
+        stream = conn.streams[False]
+        tcp = conn.tcp
+        if stream.raw or stream.head or stream.comment is not None:
+            self._frame_data(out, conn.key, stamp, False, parts)
+            return
+        v4, prefix, route, base = layout
+        epb = _EPB_HEAD.pack
+        tails = _TAILS
+        append = out.append
+        unpack = _URB.unpack_from
+        directions = conn.directions
+        hi, lo = stamp >> 32, stamp & 0xFFFFFFFF
+        own = tcp.seq[False]
+        ack = tcp.seq[True] & 0xFFFFFFFF
+        ip_id = tcp.ip_id
+        window = tcp.window
+        remaining = stream.remaining
+        segment: list[Any] = []
+        filled = 0
+        done = 0  # bytes of `parts` framed
+        index = 0
+        for part in parts:
+            n = len(part)
+            pos = 0
+            while pos < n:
+                if not remaining:  # a message starts: the usual RET_SUBMIT, or hand over
+                    if n - pos < 48 or part[pos] or part[pos + 1]:
+                        break
+                    command, seqnum, _d, _dir, _ep, _status, length, _s, packets = unpack(part, pos)
+                    if (
+                        command != USBIP_RET_SUBMIT
+                        or (packets and packets != 0xFFFFFFFF)
+                        or not 0 <= length <= _MAX_LENGTH
+                        or seqnum not in directions
+                    ):
+                        break
+                    remaining = 48 + length if directions.pop(seqnum) else 48
+                take = n - pos
+                if take > remaining:
+                    take = remaining
+                if take > _MAX_SEGMENT - filled:
+                    take = _MAX_SEGMENT - filled
+                segment.append(part if take == n else memoryview(part)[pos : pos + take])
+                pos += take
+                filled += take
+                remaining -= take
+                if not remaining or filled == _MAX_SEGMENT:
+                    caplen = 54 + filled
+                    pad = -caplen & 3
+                    ip_id = (ip_id + 1) & 0xFFFF
+                    folded = base + 40 + filled + ip_id
+                    folded = (folded & 0xFFFF) + (folded >> 16)
+                    folded = (folded & 0xFFFF) + (folded >> 16)
+                    append(
+                        epb(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen)
+                        + v4(prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, route,
+                             own & 0xFFFFFFFF, ack, 0x50, 0x18, window)
+                    )
+                    out += segment
+                    append(tails[pad](32 + caplen + pad))
+                    own += filled
+                    segment = []
+                    filled = 0
+                    self.frames += 1
+            done += pos
+            if pos < n:  # hand over at this message boundary
+                break
+            index += 1
+        if filled:  # the call ends inside a message: so does its segment
+            caplen = 54 + filled
+            pad = -caplen & 3
+            ip_id = (ip_id + 1) & 0xFFFF
+            folded = base + 40 + filled + ip_id
+            folded = (folded & 0xFFFF) + (folded >> 16)
+            folded = (folded & 0xFFFF) + (folded >> 16)
+            append(
+                epb(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen)
+                + v4(prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, route,
+                     own & 0xFFFFFFFF, ack, 0x50, 0x18, window)
+            )
+            out += segment
+            append(tails[pad](32 + caplen + pad))
+            own += filled
+            self.frames += 1
+        tcp.seq[False] = own
+        tcp.ip_id = ip_id
+        stream.remaining = remaining
+        stream.position += done
+        if index < len(parts):
+            part = parts[index]
+            skip = done - sum(len(p) for p in parts[:index])
+            rest = [memoryview(part)[skip:] if skip else part, *parts[index + 1 :]]
+            self._frame_data(out, conn.key, stamp, False, rest)
+
+    def _frame_client(
+        self,
+        out: list[Any],
+        conn: _Conn,
+        layout: _Layout,
+        stamp: int,
+        parts: Sequence[bytes | bytearray | memoryview],
+    ) -> None:
+        """`_frame_data` for the client's usual bytes (whole CMD_SUBMITs, IPv4): the directions noted, the call's
+        buffers framed as one segment. Anything else goes to `_frame_data` (noting a direction twice is
+        harmless)."""
+        stream = conn.streams[True]
+        if len(parts) != 1 or stream.raw or stream.head or stream.remaining or stream.comment is not None:
+            self._frame_data(out, conn.key, stamp, True, parts)
+            return
+        data = parts[0]
         n = len(data)
-        size = len(self._ring)
-        with self._ring_lock:  # ring order is queue order: the recorder thread gives space back in that order
-            at = self._produced % size
-            skip = size - at if at + n > size else 0  # a chunk never wraps: start over at 0
-            if n <= size >> 2 and self._produced + skip + n - self._released <= size:
-                at = (at + skip) % size
-                self._ring_view[at : at + n] = data
-                payload: bytes | memoryview = self._ring_view[at : at + n]
-                self._produced += skip + n
-                mark = self._produced
-            else:  # no room (the disk is behind) or a huge chunk: keep the bytes themselves
-                payload = data if type(data) is bytes else bytes(data)
-                mark = 0
-            self._queue.put((_DATA, key, time.time_ns(), from_client, payload, mark))
-        self._queued += n
-        if self._queued - self._done > self.high_water:
-            self._wait_for_disk()
+        if not 0 < n <= _MAX_SEGMENT:
+            self._frame_data(out, conn.key, stamp, True, parts)
+            return
+        unpack = _URB.unpack_from
+        directions = conn.directions
+        pos = 0
+        while pos < n:
+            if n - pos < 48 or data[pos] or data[pos + 1]:
+                break
+            command, seqnum, _d, direction, _ep, _flags, length, _s, packets = unpack(data, pos)
+            if command != USBIP_CMD_SUBMIT or direction > 1 or packets or not 0 <= length <= _MAX_LENGTH:
+                break
+            directions[seqnum] = direction
+            pos += 48 + length if direction == 0 else 48
+        if pos != n:  # not whole CMD_SUBMITs
+            self._frame_data(out, conn.key, stamp, True, parts)
+            return
+        stream.position += n
+        tcp = conn.tcp
+        v4, prefix, route, base = layout
+        ip_id = tcp.ip_id = (tcp.ip_id + 1) & 0xFFFF
+        own = tcp.seq[True]
+        tcp.seq[True] = own + n
+        caplen = 54 + n
+        pad = -caplen & 3
+        folded = base + 40 + n + ip_id
+        folded = (folded & 0xFFFF) + (folded >> 16)
+        folded = (folded & 0xFFFF) + (folded >> 16)
+        out.append(
+            _EPB_HEAD.pack(6, 32 + caplen + pad, 0, stamp >> 32, stamp & 0xFFFFFFFF, caplen, caplen)
+            + v4(prefix, 40 + n, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, route, own & 0xFFFFFFFF,
+                 tcp.seq[False] & 0xFFFFFFFF, 0x50, 0x18, tcp.window)
+        )
+        out.append(data)
+        out.append(_TAILS[pad](32 + caplen + pad))
+        self.frames += 1
 
     def _on_close(self, key: tuple[int, int], reason: str) -> None:
-        if not self._closed and self.error is None:
-            self._queue.put((_CLOSE, key, time.time_ns(), reason))
+        with self._lock:
+            conn = self._conns.pop(key, None)
+            if conn is not None and not self._closed and self.error is None:
+                out: list[Any] = []
+                self._guarded(out, self._close_conn, out, conn, time.time_ns(), reason)
 
-    def _wait_for_disk(self) -> None:
-        """Backpressure: the disk is slower than the session; wait until half the queue is written."""
-        deadline = time.monotonic() + 60
-        while (
-            self._queued - self._done > self.high_water // 2
-            and self.error is None
-            and self._thread.is_alive()
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.001)
+    def _guarded(self, out: list[Any], frame: Any, *args: Any) -> None:
+        """`frame(*args)` (which appends a tap call's frames to `out`), then `out` written: a failure of either
+        stops the recording, never the session (the frames of the call that failed are dropped whole)."""
+        try:
+            frame(*args)
+        except Exception as exc:  # a recorder bug must not break the session
+            self._fail(f"internal error: {exc!r}", exc)
+            return
+        try:
+            self._write(out)
+        except OSError as exc:
+            self._fail(exc.strerror or str(exc))
 
-    # -- the recorder's thread: frame and write ----------------------------------------------------------
-
-    def _run(self) -> None:
-        q = self._queue
-        while True:
-            events = [q.get()]
-            time.sleep(_BATCH_DELAY)
-            with contextlib.suppress(queue.Empty):
-                while len(events) < 4096:
-                    events.append(q.get_nowait())
-            out: list[Any] = []
-            payload = 0
-            mark = 0
-            stop = False
-            for event in events:
-                kind = event[0]
-                if kind == _STOP:
-                    stop = True
-                    continue
-                if kind == _DATA:
-                    payload += len(event[4])
-                    mark = event[5] or mark
-                if self.error is None:
-                    try:
-                        self._handle(out, event)
-                    except Exception as exc:  # a recorder bug must not break the session
-                        self._fail(f"internal error: {exc!r}", exc)
-            if out and self.error is None:
-                try:
-                    self._write(out)
-                except OSError as exc:
-                    self._fail(exc.strerror or str(exc))
-            out.clear()  # drop the views into the ring before giving its space back
-            if mark:
-                self._released = mark
-            self._done += payload
-            if stop:
-                return
-
-    def _handle(self, out: list[Any], event: tuple[Any, ...]) -> None:
-        kind = event[0]
-        if kind == _DATA:
-            self._frame_data(out, event[1], event[2], event[3], event[4])
-        elif kind == _OPEN:
-            self._open_conn(out, event[1], event[2], event[3], event[4])
-        elif kind == _CLOSE:
-            conn = self._conns.pop(event[1], None)
-            if conn is not None:
-                self._close_conn(out, conn, event[2], event[3])
-        elif kind == _NOTE:
-            self._notes.append(event[1])
+    # -- framing --------------------------------------------------------------------------------------------
 
     def _open_conn(
         self,
@@ -579,7 +705,7 @@ class PcapngRecorder:
         if old is not None:
             self._close_conn(out, old, stamp, "connection id reused")
         self.connections += 1
-        conn = _Conn(self, self.connections, client, server)
+        conn = _Conn(self, key, self.connections, client, server)
         self._conns[key] = conn
         tcp = conn.tcp
         where = where or f"{client[0]}:{client[1]} → {server[0]}:{server[1]}"
@@ -598,8 +724,15 @@ class PcapngRecorder:
         return conn
 
     def _frame_data(
-        self, out: list[Any], key: tuple[int, int], stamp: int, from_client: bool, data: bytes | memoryview
+        self,
+        out: list[Any],
+        key: tuple[int, int],
+        stamp: int,
+        from_client: bool,
+        parts: Sequence[bytes | bytearray | memoryview],
     ) -> None:
+        """The frames of one tap call: a segment per server message (split at 65495 bytes), one for the client's
+        socket write. Payload goes into `out` as the caller's buffers, or views of them, never copied."""
         conn = self._conns.get(key)
         if conn is None:  # a plain tap, or bytes before `opened`: made-up endpoints
             conn = self._open_conn(
@@ -610,31 +743,65 @@ class PcapngRecorder:
                 ("10.0.0.1", USBIP_PORT),
                 "endpoints unknown (the edge did not report them)",
             )
-        segments: list[tuple[int, int, str | None]] = []  # (start, length, comment)
+        stream = conn.streams[from_client]
+        cuts: list[tuple[int, str | None]] = []
+        total = 0
+        for part in parts:
+            stream.cut(part, total, cuts)
+            total += len(part)
+        if not total:
+            return
+        if not cuts or cuts[-1][0] != total:
+            cuts.append((total, stream.comment))
+            stream.comment = None
+        lengths: list[int] = []
+        comments: list[str | None] = []
         start = 0
-        for end, comment in conn.streams[from_client].cut(data):
+        for end, comment in cuts:
             if self._notes:
                 comment = "; ".join([*self._notes, *([comment] if comment else [])])
                 self._notes.clear()
             while start < end:
-                n = min(end - start, wire.MAX_SEGMENT)
-                segments.append((start, n, comment))
+                n = min(end - start, _MAX_SEGMENT)
+                lengths.append(n)
+                comments.append(comment)
                 start += n
                 comment = None
         epb = _EPB_HEAD.pack
-        u32 = _U32.pack
         hi, lo = stamp >> 32, stamp & 0xFFFFFFFF
-        view = memoryview(data)
-        headers = conn.tcp.payload_headers(from_client, [n for _, n, _ in segments])
-        for (start, n, comment), header in zip(segments, headers, strict=True):
+        headers = conn.tcp.payload_headers(from_client, lengths)
+        append = out.append
+        index = 0  # the part the next payload byte is in, and where in it
+        offset = 0
+        part = parts[0]
+        size = len(part)
+        for n, comment, header in zip(lengths, comments, headers, strict=True):
             caplen = len(header) + n
-            options = wire.options(((wire.OPT_COMMENT, wire.text(comment)),)) if comment else b""
-            length = 32 + caplen + (-caplen % 4) + len(options)
-            out.append(epb(wire.EPB_TYPE, length, 0, hi, lo, caplen, caplen) + header)
-            out.append(view[start : start + n])
-            out.append(_PAD[caplen % 4] + options + u32(length))
-        frames = len(segments)
-        self.frames += frames
+            if comment:
+                options = wire.options(((wire.OPT_COMMENT, wire.text(comment)),))
+                length = 32 + caplen + (-caplen % 4) + len(options)
+                tail = _PAD[caplen % 4] + options + _U32.pack(length)
+            else:
+                length = 32 + caplen + (-caplen % 4)
+                tail = _PAD[caplen % 4] + _U32.pack(length)
+            append(epb(wire.EPB_TYPE, length, 0, hi, lo, caplen, caplen) + header)
+            while n:
+                left = size - offset
+                if left <= n:  # the rest of this part
+                    if left:
+                        append(part if offset == 0 else memoryview(part)[offset:])
+                    n -= left
+                    index += 1
+                    if index < len(parts):
+                        part = parts[index]
+                        size = len(part)
+                    offset = 0
+                else:
+                    append(memoryview(part)[offset : offset + n])
+                    offset += n
+                    n = 0
+            append(tail)
+        self.frames += len(lengths)
 
     def _close_conn(self, out: list[Any], conn: _Conn, stamp: int, reason: str) -> None:
         """The FIN, FIN, ACK that end `conn`'s conversation."""
@@ -660,15 +827,17 @@ class PcapngRecorder:
         self.frames += 1
 
     def _write(self, parts: list[Any]) -> None:
-        """Write a batch of whole frames with as few system calls as IOV_MAX allows; on failure the file is cut
-        back to where the batch began, so it ends with a whole block (the caller reports the error)."""
+        """Write a tap call's whole frames with one `writev` (more only past IOV_MAX buffers); on failure the
+        file is cut back to where they began, so it ends with a whole block (the caller reports the error)."""
+        if not parts:
+            return
         fd = self._fd
         start = self._offset
         try:
             for i in range(0, len(parts), _IOV_MAX):
-                group = parts[i : i + _IOV_MAX]
-                size = sum(map(len, group))
+                group = parts[i : i + _IOV_MAX] if len(parts) > _IOV_MAX else parts
                 done = os.writev(fd, group)
+                size = sum(map(len, group))
                 if done < size:  # a regular file writes short only at a limit: finish, or get the error
                     rest = memoryview(b"".join(group))[done:]
                     while rest:
@@ -685,6 +854,7 @@ class PcapngRecorder:
         if self.error is not None:
             return
         self.error = why
+        self._off = True
         log.error(
             "recording to %s stopped: %s; the session goes on unrecorded (the file keeps its %d bytes of whole "
             "frames)",
@@ -697,34 +867,24 @@ class PcapngRecorder:
     # -- the end -----------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """End the open connections' conversations (FIN), write everything queued and close the file. Call it
-        after the edges are done (later tap calls are ignored)."""
-        with self._close_lock:
+        """End the open connections' conversations (FIN) and close the file. Call it after the edges are done
+        (later tap calls are ignored)."""
+        with self._lock:
             if self._closed:
                 return
-            self._closed = True
-        self._queue.put((_STOP,))
-        self._thread.join(120)
-        try:
-            if self.error is None and self._conns:
-                out: list[Any] = []
-                stamp = time.time_ns()
-                for conn in self._conns.values():
-                    self._close_conn(out, conn, stamp, "recording stopped")
-                self._write(out)
-        except OSError as exc:
-            self._fail(exc.strerror or str(exc))
-        finally:
-            self._conns.clear()
-            os.close(self._fd)
-            with contextlib.suppress(
-                queue.Empty
-            ):  # tap calls that raced with close: their views into the ring
-                while True:
-                    self._queue.get_nowait()
-            with contextlib.suppress(BufferError):
-                self._ring_view.release()
-                self._ring.close()
+            self._closed = self._off = True
+            try:
+                if self.error is None and self._conns:
+                    out: list[Any] = []
+                    stamp = time.time_ns()
+                    for conn in self._conns.values():
+                        self._close_conn(out, conn, stamp, "recording stopped")
+                    self._write(out)
+            except OSError as exc:
+                self._fail(exc.strerror or str(exc))
+            finally:
+                self._conns.clear()
+                os.close(self._fd)
 
     @property
     def size(self) -> int:

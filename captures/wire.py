@@ -206,6 +206,15 @@ class TcpFrames:
             + tcp_options
         )
 
+    def ipv4_layout(self, to_server: bool) -> tuple[struct.Struct, bytes, bytes, int]:
+        """What `payload_headers` packs from, for a caller that frames segments in its own loop (the recorder's
+        hot path): the header's struct (fields: the first bytes below, total length, identification,
+        b"\\x40\\0\\x40\\x06", checksum, the addresses and ports below, seq, ack, 0x50, flags, window), the Ethernet
+        + IPv4 start and addresses + ports of `to_server`'s segments, and the checksum's constant part (add the
+        total length and the identification, fold twice, invert). IPv4 connections only."""
+        assert not self.ipv6
+        return _V4, self._prefix[to_server], self._route[to_server], self._sum
+
     def advance(self, to_server: bool, length: int) -> None:
         self.seq[to_server] += length
 

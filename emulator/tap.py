@@ -11,13 +11,18 @@ Two shapes are accepted:
 * a `SessionTap`, which is also told when a connection opens (with both TCP endpoints) and closes (with the
   reason), so it can frame the bytes as a real TCP conversation.
 
-A tap runs on the edge's event loop, inside its I/O callbacks: it must be quick and must not raise (an exception
-would break the connection it watches).
+A tap runs on the edge's thread, inside its I/O callbacks: it must be quick and must not raise (an exception would
+break the connection it watches). An edge may call it from several threads (a thread per session).
+
+A tap may also have `data_iov(cid, from_client, buffers)`: the same as `data` with the bytes given as the
+buffers of one socket write (what `sendmsg` takes, e.g. a RET_SUBMIT header and its transfer buffer), so the edge
+need not join them. Edges call it through `iov_callback`, which joins for a tap without it. The buffers are the
+edge's: valid during the call only (it may reuse them after), so a tap copies what it keeps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 Address = tuple[str, int]
@@ -25,6 +30,9 @@ Address = tuple[str, int]
 
 Tap = Callable[[int, bool, bytes], None]
 """A tap that sees every byte of every connection: (connection id, True if client→server, bytes)."""
+
+IovTap = Callable[[int, bool, Sequence[bytes | bytearray | memoryview]], None]
+"""`data_iov`: (connection id, True if client→server, the buffers of one socket read or write, in order)."""
 
 
 @runtime_checkable
@@ -50,9 +58,24 @@ def data_callback(tap: Tap | SessionTap | None) -> Tap | None:
     return tap
 
 
+def iov_callback(tap: Tap | SessionTap | None) -> IovTap | None:
+    """The buffers callback of a tap (None for no tap): its own `data_iov`, or its bytes callback with the
+    buffers joined."""
+    own: IovTap | None = getattr(tap, "data_iov", None)
+    if own is not None or tap is None:
+        return own
+    data = data_callback(tap)
+    assert data is not None
+
+    def joined(cid: int, from_client: bool, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        data(cid, from_client, b"".join(buffers))
+
+    return joined
+
+
 def session_tap(tap: Tap | SessionTap | None) -> SessionTap | None:
     """`tap` if it wants open/close notifications, else None."""
     return tap if isinstance(tap, SessionTap) else None
 
 
-__all__ = ["Address", "SessionTap", "Tap", "data_callback", "session_tap"]
+__all__ = ["Address", "IovTap", "SessionTap", "Tap", "data_callback", "iov_callback", "session_tap"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import resource
@@ -498,7 +499,7 @@ def test_any_split_of_the_socket_data_gives_each_server_message_its_own_segments
 ) -> None:
     messages = _synthetic_session()
     # the socket reads and writes: runs of messages in one direction, joined and then cut anywhere
-    calls: list[tuple[bool, bytes]] = []
+    calls: list[tuple[bool, bytes, list[int]]] = []
     i = 0
     while i < len(messages):
         direction = messages[i][0]
@@ -510,14 +511,20 @@ def test_any_split_of_the_socket_data_gives_each_server_message_its_own_segments
         cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(chunk) - 1)), max_size=3)))
         for a, b in zip([0, *cuts], [*cuts, len(chunk)], strict=True):
             if a < b:
-                calls.append((direction, chunk[a:b]))
+                # a socket write as one buffer, or as several (data_iov: cut anywhere, empty buffers too)
+                inner = sorted(data.draw(st.lists(st.integers(0, b - a), max_size=3)))
+                calls.append((direction, chunk[a:b], [0, *inner, b - a]))
         i += take
     path = tmp_path / f"split-{len(calls)}-{hashlib.sha256(repr(calls).encode()).hexdigest()[:12]}.pcapng"
     with PcapngRecorder(path, mode="server", address="test") as recorder:
         tap = recorder.tap
         tap.opened(7, ("192.0.2.1", 50000), ("192.0.2.2", 3240))
-        for direction, chunk in calls:
-            tap.data(7, direction, chunk)
+        for direction, chunk, buffers in calls:
+            if len(buffers) == 2:
+                tap.data(7, direction, chunk)
+            else:
+                view = memoryview(bytearray(chunk))
+                tap.data_iov(7, direction, [view[x:y] for x, y in itertools.pairwise(buffers)])
         tap.closed(7, "done")
     segments = tcp_segments(path)
     for direction in (True, False):
@@ -531,7 +538,7 @@ def test_any_split_of_the_socket_data_gives_each_server_message_its_own_segments
         ends[direction].add(offset[direction])
     writes: set[int] = set()
     sent = 0
-    for direction, chunk in calls:
+    for direction, chunk, _ in calls:
         if direction:
             sent += len(chunk)
             writes.add(sent)
@@ -565,7 +572,7 @@ def test_recorder_bug_is_logged_once_and_the_server_session_goes_on(
 ) -> None:
     from captures import record
 
-    def broken(self: Any, data: bytes) -> list[tuple[int, str | None]]:
+    def broken(self: Any, *args: Any) -> None:
         raise RuntimeError("framing bug")
 
     monkeypatch.setattr(record._Stream, "cut", broken)
@@ -651,16 +658,50 @@ def test_unlinked_urb_is_recorded_and_the_stream_stays_in_step_after_it(tmp_path
     assert b"".join(p for d, p in tcp_segments(path) if not d) == streams.data[False]
 
 
-def test_small_ring_and_queue_lose_nothing_when_the_recorder_falls_behind(tmp_path: Path) -> None:
-    """A ring too small for the chunks (they are kept as bytes instead) and a queue bound the session hits
-    (tap calls wait for the recorder's thread): every byte still lands, in order."""
-    path = tmp_path / "small.pcapng"
-    messages = _synthetic_session() * 3
-    with PcapngRecorder(path, mode="server", address="test", ring_size=96 << 10, high_water=64 << 10) as recorder:
-        tap = recorder.tap
-        for direction, message in messages:
-            tap(1, direction, message)
-    segments = tcp_segments(path)
-    for direction in (True, False):
-        assert b"".join(p for d, p in segments if d == direction) == b"".join(m for d, m in messages if d == direction)
-    assert recorder.error is None
+def test_tap_calls_from_several_threads_keep_every_frame_whole_and_each_stream_in_order(tmp_path: Path) -> None:
+    """Taps may be called from a thread per session: each call's frames land whole, each connection in order."""
+    import threading
+
+    path = tmp_path / "threads.pcapng"
+    messages = _synthetic_session()
+    with PcapngRecorder(path, mode="server", address="test") as recorder:
+        taps = [recorder.tap for _ in range(4)]
+
+        def session(tap: Any) -> None:
+            tap.opened(1, ("127.0.0.1", 40000 + taps.index(tap)), ("127.0.0.1", 3240))
+            for direction, message in messages:
+                tap(1, direction, message)
+            tap.closed(1, "done")
+
+        threads = [threading.Thread(target=session, args=(tap,)) for tap in taps]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    analysis = analyze(path)
+    assert len([t for t in analysis.transactions if t.complete]) == 4 * sum(1 for d, _ in messages if not d)
+    assert recorder.error is None and recorder.connections == 4
+
+
+def test_buffer_lists_frame_like_their_join_and_are_written_before_the_call_returns(tmp_path: Path) -> None:
+    """`data_iov` (a socket write's buffers, as the server's sendmsg takes them) records what `data` would with
+    the buffers joined, cut anywhere; the tap is done with them when it returns (the edge may reuse them)."""
+    messages = _synthetic_session()
+    paths = {shape: tmp_path / f"{shape}.pcapng" for shape in ("joined", "buffers")}
+    for shape, path in paths.items():
+        with PcapngRecorder(path, mode="server", address="test") as recorder:
+            tap = recorder.tap
+            tap.opened(1, ("127.0.0.1", 40000), ("127.0.0.1", 3240))
+            scratch = bytearray(256 << 10)
+            for direction, message in messages:
+                if shape == "joined":
+                    tap.data(1, direction, message)
+                    continue
+                scratch[: len(message)] = message
+                view = memoryview(scratch)
+                cuts = [0, *sorted({min(48, len(message)), len(message) // 3, len(message) - 1}), len(message)]
+                tap.data_iov(1, direction, [view[a:b] for a, b in itertools.pairwise(cuts)])
+                scratch[:] = bytes(len(scratch))  # reused: the recording must already hold the bytes
+            tap.closed(1, "done")
+    assert tcp_segments(paths["joined"]) == tcp_segments(paths["buffers"])
+    assert len(list(iter_frames(paths["joined"].read_bytes()))) == len(list(iter_frames(paths["buffers"].read_bytes())))
