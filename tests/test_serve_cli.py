@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from emulator.sync_host import list_devices_sync
+from emulator.usb.setup import Speed
+
 VUSB = [sys.executable, "-m", "emulator.cli"]
 
 
@@ -52,6 +55,8 @@ def test_serve_creates_sparse_image_takes_writes_and_sigint_exits_zero_with_data
             [*VUSB, "list", "-r", "127.0.0.1", "-p", str(port)], capture_output=True, text=True, timeout=60
         )
         assert listing.returncode == 0 and "1-1" in listing.stdout, listing.stderr
+        (exported,) = list_devices_sync("127.0.0.1", port)
+        assert exported.udev.speed == Speed.SUPER  # a USB 3 thumb drive by default
         write = subprocess.run(
             [*VUSB, "disk", "write", "-r", "127.0.0.1", "-p", str(port), "-b", "1-1", "-i", str(src)],
             capture_output=True,
@@ -80,13 +85,15 @@ def test_serve_overlay_never_modifies_the_base_image(tmp_path: Path) -> None:
     src.write_bytes(bytes(1 << 20))
     port = _free_port()
     server = subprocess.Popen(
-        [*VUSB, "serve", "--disk", str(image), "--overlay", "--port", str(port)],
+        [*VUSB, "serve", "--disk", str(image), "--overlay", "--speed", "high", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         _wait_listening(port, server)
+        (exported,) = list_devices_sync("127.0.0.1", port)
+        assert exported.udev.speed == Speed.HIGH
         write = subprocess.run(
             [
                 *VUSB,

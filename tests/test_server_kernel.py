@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import select
 import struct
@@ -99,6 +100,48 @@ def test_read_only_export_is_write_protected_in_the_kernel_and_image_is_unchange
         )
         assert res.returncode != 0, "a write to a write-protected disk must fail"
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+def test_superspeed_disk_attaches_on_vhci_super_speed_hub_and_gets_1mib_commands(tmp_path: Path) -> None:
+    """`vusb serve --speed super`: vhci puts the disk on its SuperSpeed hub, usb-storage gives it 1 MiB
+    commands (max_sectors 2048), and 1 MiB O_DIRECT writes and reads land in the image byte for byte."""
+    from emulator.devices.mass_storage import mass_storage_device
+    from emulator.usb.setup import Speed
+
+    guest.modprobe("usb-storage", "sd_mod")
+    image = create_sparse_image(tmp_path / "ss.img", 8 << 20)
+    data = os.urandom(4 << 20)
+    device = mass_storage_device([image], speed=Speed.SUPER)
+    with served([device]) as port:
+        with guest.usbip_attached("127.0.0.1", "1-1", port=port):
+            assert "Super Speed(5000Mbps)" in guest.usbip("port"), guest.usbip("port")
+            disk = guest.wait_for_disk("vhci_hcd", timeout=60)
+            usb_dev = Path(f"/sys/block/{disk.name}").resolve()
+            while not (usb_dev / "speed").exists() or not (usb_dev / "idVendor").exists():
+                usb_dev = usb_dev.parent
+            assert (usb_dev / "speed").read_text().strip() == "5000"
+            assert (usb_dev / "version").read_text().strip() == "3.20"  # bcdUSB
+            assert Path(f"/sys/block/{disk.name}/queue/max_hw_sectors_kb").read_text().strip() == "1024"
+            fd = os.open(disk.dev, os.O_RDWR | os.O_DIRECT)
+            try:
+                buf = guest_aligned(len(data))
+                buf[:] = data
+                assert os.pwritev(fd, [buf], 1 << 20) == len(data)
+                os.fsync(fd)
+                back = guest_aligned(len(data))
+                assert os.preadv(fd, [back], 1 << 20) == len(data)
+                assert bytes(back) == data
+            finally:
+                os.close(fd)
+        guest.wait_for_disk_gone("vhci_hcd")
+    with open(image, "rb") as f:
+        f.seek(1 << 20)
+        assert hashlib.sha256(f.read(len(data))).digest() == hashlib.sha256(data).digest()
+
+
+def guest_aligned(size: int) -> mmap.mmap:
+    """A page-aligned buffer, as O_DIRECT wants."""
+    return mmap.mmap(-1, size)
 
 
 def _input_event_device(under: str, timeout: float = 30) -> Path:

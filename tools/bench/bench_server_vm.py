@@ -1,17 +1,21 @@
 """Sequential read through the kernel's vhci-hcd: vusb's USB/IP server vs the kernel's own usbip-host.
 
-All three run in one boot of the kernel VM (QEMU/TCG), on the same 64 MiB image:
-  reference  configfs f_mass_storage gadget on dummy_udc → usbip-host (usbipd + usbip bind) → 127.0.0.1 → vhci
-  vusb       `vusb serve --disk IMAGE --read-only` (its own process) → 127.0.0.1 → vhci
-  PyPI       the PyPI `usbip` package (0.7.0, the `bench` extra): its `MSC` class on a file store that preads
-             the image, served by its `USBIP` transport (its own process) → 127.0.0.1 → vhci
+All paths run in one boot of the kernel VM (QEMU/TCG), on the same 64 MiB image:
+  kernel     configfs f_mass_storage gadget on dummy_udc → usbip-host (usbipd + usbip bind) → 127.0.0.1 → vhci.
+             dummy_hcd is loaded SuperSpeed-capable (`is_super_speed=Y`) unless `--reference-speed high`, so
+             the reference runs at the same speed as vusb's default disk.
+  vusb       `vusb serve --disk IMAGE --read-only` (its own process; a SuperSpeed disk, the default) → vhci
+  vusb-hs    the same with `--speed high` (a USB 2 disk: usb-storage gives it 120 KiB commands, not 1 MiB)
+  PyPI       the PyPI `usbip` package (0.7.0, the `bench` extra): its `MSC` class (high speed) on a file store
+             that preads the image, served by its `USBIP` transport (its own process) → 127.0.0.1 → vhci
 All are attached at once and each round reads every disk, the paths taking turns every 8 MiB, so a burst
-of load on the (shared) host slows all paths alike rather than whichever was being read. The guest reads the whole disk with O_DIRECT
-1 MiB reads (like `dd bs=1M iflag=direct`), verifies the bytes against the image (sha256), and the ratios
-vusb ÷ kernel (target ≥ 1.3) and vusb ÷ PyPI are printed as medians of the per-round ratios. A missing
-PyPI package skips its line.
+of load on the (shared) host slows all paths alike rather than whichever was being read. The guest reads the
+whole disk with O_DIRECT 1 MiB reads (like `dd bs=1M iflag=direct`), verifies the bytes against the image
+(sha256). Ratios are medians of the per-round ratios: the target (≥ 1.3) is vusb ÷ kernel at the same speed;
+vusb-hs ÷ PyPI compares the two userspace servers like for like. A missing PyPI package skips its line.
 
-Run from the repository root: `.venv/bin/python tools/bench/bench_server_vm.py [--size-mb 64] [--rounds 5]`.
+Run from the repository root:
+`.venv/bin/python tools/bench/bench_server_vm.py [--size-mb 64] [--rounds 5] [--reference-speed super|high]`.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def measure_round(devs: dict[str, str], size: int, expected: str) -> dict[str, f
     return {name: size / seconds / 1e6 for name, seconds in elapsed.items()}
 
 
-def guest_main(size_mb: int, rounds: int) -> dict[str, object]:
+def guest_main(size_mb: int, rounds: int, reference_speed: str) -> dict[str, object]:
     """All paths attached at once and read in turns (see `measure_round`)."""
     from tools.vm import guest
 
@@ -79,7 +83,7 @@ def guest_main(size_mb: int, rounds: int) -> dict[str, object]:
     guest.modprobe("usb-storage", "sd_mod", "vhci-hcd")
     image = guest.make_backing_file(Path("/tmp/bench.img"), size)
     expected = guest.sha256_of(image)
-    results: dict[str, object] = {"size_mb": size_mb, "rounds": rounds}
+    results: dict[str, object] = {"size_mb": size_mb, "rounds": rounds, "reference_speed": reference_speed}
     disks: dict[str, str] = {}
 
     def attach(stack: contextlib.ExitStack, name: str, busid: str, port: int) -> None:
@@ -88,30 +92,25 @@ def guest_main(size_mb: int, rounds: int) -> dict[str, object]:
         disk = guest.wait_for_disk(lambda d: "vhci_hcd" in d.sysfs_path and d.dev not in before, timeout=60)
         disks[name] = str(disk.dev)
 
+    if reference_speed == "super":
+        guest.modprobe("dummy_hcd", num=2, is_super_speed="Y")
     udc = guest.free_udc()
     hcd = guest.hcd_of_udc(udc)
     with contextlib.ExitStack() as stack:
         gadget = stack.enter_context(guest.mass_storage_gadget(image, udc, read_only=True))
         dev = guest.wait_for_usb_device(gadget.vendor_id, gadget.product_id, under=hcd)
+        results["kernel_link_mbps"] = int(Path(dev.sysfs_path, "speed").read_text())
         guest.wait_for_disk(hcd, timeout=60)
         daemon = stack.enter_context(guest.usbipd())
         stack.enter_context(guest.usbip_bound(dev.busid))
         guest.wait_for_disk_gone(hcd)
         attach(stack, "kernel", dev.busid, daemon.port)
 
-        vusb = [
-            sys.executable,
-            "-m",
-            "emulator.cli",
-            "serve",
-            "--disk",
-            str(image),
-            "--read-only",
-            "--port",
-            "3300",
-        ]
-        stack.enter_context(server_process(vusb, 3300))
+        serve = [sys.executable, "-m", "emulator.cli", "serve", "--disk", str(image), "--read-only"]
+        stack.enter_context(server_process([*serve, "--port", "3300"], 3300))
         attach(stack, "vusb", "1-1", 3300)
+        stack.enter_context(server_process([*serve, "--port", "3302", "--speed", "high"], 3302))
+        attach(stack, "vusb_hs", "1-1", 3302)
         try:
             import usbip  # noqa: F401  (only to know whether the PyPI package is installed)
         except ImportError:
@@ -180,50 +179,58 @@ def server_process(argv: list[str], port: int) -> Iterator[subprocess.Popen[byte
             server.kill()
 
 
+PATHS = {
+    "kernel": "kernel usbip-host + f_mass_storage → vhci",
+    "vusb": "vusb server (SuperSpeed disk) → vhci",
+    "vusb_hs": "vusb server --speed high → vhci",
+    "pypi": "PyPI usbip 0.7.0 server (high speed) → vhci",
+}
+
+
 def report(results: dict[str, object]) -> float:
     """Medians per path, and the median of the per-round ratios (each round reads every path once, so a
     round's ratio compares paths under the same load)."""
     speeds: dict[str, list[float]] = {
         name: results[f"{name}_mb_s"]  # type: ignore[misc]
-        for name in ("kernel", "vusb", "pypi")
+        for name in PATHS
         if f"{name}_mb_s" in results
     }
-    kernel, vusb = statistics.median(speeds["kernel"]), statistics.median(speeds["vusb"])
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(speeds[a], speeds[b], strict=True))
 
-    def rounds(name: str) -> str:
-        return ", ".join(f"{x:.1f}" for x in speeds[name])
-
+    link = results.get("kernel_link_mbps")
     print(
         f"sequential read, {results['size_mb']} MiB x {results['rounds']} rounds (paths read in turn each round), "
-        "O_DIRECT 1 MiB, in the TCG guest"
+        f"O_DIRECT 1 MiB, in the TCG guest; kernel reference gadget linked at {link} Mb/s"
     )
-    print(f"  kernel usbip-host + f_mass_storage → vhci: {kernel:7.1f} MB/s  (rounds {rounds('kernel')})")
-    print(f"  vusb server → vhci:                        {vusb:7.1f} MB/s  (rounds {rounds('vusb')})")
+    for name, label in PATHS.items():
+        if name in speeds:
+            rounds = ", ".join(f"{x:.1f}" for x in speeds[name])
+            print(f"  {label + ':':52} {statistics.median(speeds[name]):7.1f} MB/s  (rounds {rounds})")
+    same = "vusb" if results["reference_speed"] == "super" else "vusb_hs"
+    other = "vusb_hs" if same == "vusb" else "vusb"
+    headline = ratio(same, "kernel")
+    print(f"  ratio {PATHS[same].split(' →')[0]} ÷ kernel, same speed: {headline:.2f}  (target ≥ 1.3)")
+    print(f"  ratio {PATHS[other].split(' →')[0]} ÷ kernel: {ratio(other, 'kernel'):.2f}")
     if "pypi" in speeds:
-        pypi = statistics.median(speeds["pypi"])
-        print(f"  PyPI usbip 0.7.0 server → vhci:            {pypi:7.1f} MB/s  (rounds {rounds('pypi')})")
-    vusb_kernel = ratio("vusb", "kernel")
-    print(f"  ratio vusb ÷ kernel: {vusb_kernel:.2f}  (median of per-round ratios; target ≥ 1.3)")
-    if "pypi" in speeds:
-        print(
-            f"  ratio vusb ÷ PyPI:   {ratio('vusb', 'pypi'):.2f}   (PyPI ÷ kernel: {ratio('pypi', 'kernel'):.2f})"
-        )
+        print(f"  ratio vusb-hs ÷ PyPI (both high speed): {ratio('vusb_hs', 'pypi'):.2f}"
+              f"   (PyPI ÷ kernel: {ratio('pypi', 'kernel'):.2f})")
     else:
         print("  PyPI usbip server: not measured (pip install '.[bench]' for the comparison)")
-    return vusb_kernel
+    return headline
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reference-speed", choices=("super", "high"), default="super",
+                        help="speed of dummy_hcd, hence of the kernel's reference gadget")
     parser.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.guest:
-        print("VUSB-BENCH " + json.dumps(guest_main(args.size_mb, args.rounds)))
+        print("VUSB-BENCH " + json.dumps(guest_main(args.size_mb, args.rounds, args.reference_speed)))
         return 0
     from tools.vm import run_in_vm
 
@@ -236,6 +243,8 @@ def main() -> int:
             str(args.size_mb),
             "--rounds",
             str(args.rounds),
+            "--reference-speed",
+            args.reference_speed,
         ],
         cwd=ROOT,
         timeout=1200,
