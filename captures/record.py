@@ -83,6 +83,7 @@ _SYN_OPTIONS = struct.pack(">BBH", 2, 4, wire.MAX_SEGMENT) + bytes((1, 3, 3, 14)
 
 _PEEK = struct.Struct(">HH")
 _URB = struct.Struct(">IIIIIIiiI")  # usbip_header_basic, then the first four words of the command
+_RET_PEEK = struct.Struct(">II16xi4xI")  # a RET_SUBMIT's command, seqnum, actual_length, number_of_packets
 _EPB_HEAD = struct.Struct("<IIIIIII")
 _U32 = struct.Struct("<I")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by caplen % 4
@@ -522,15 +523,15 @@ class PcapngRecorder:
         message's buffers (or views of them) go to `out` between its frames' headers and tails. At anything
         else at a message start, what follows goes to `_frame_data`, which takes over at that boundary."""
         stream = conn.streams[False]
-        tcp = conn.tcp
         if stream.raw or stream.head or stream.comment is not None:
             self._frame_data(out, conn.key, stamp, False, parts)
             return
+        tcp = conn.tcp
         v4, prefix, route, base = layout
         epb = _EPB_HEAD.pack
         tails = _TAILS
         append = out.append
-        unpack = _URB.unpack_from
+        peek = _RET_PEEK.unpack_from
         directions = conn.directions
         hi, lo = stamp >> 32, stamp & 0xFFFFFFFF
         own = tcp.seq[False]
@@ -538,7 +539,9 @@ class PcapngRecorder:
         ip_id = tcp.ip_id
         window = tcp.window
         remaining = stream.remaining
-        segment: list[Any] = []
+        frames = 0
+        head = len(out)  # where the current frame's header goes, once its length is known
+        append(None)
         filled = 0
         done = 0  # bytes of `parts` framed
         index = 0
@@ -547,9 +550,9 @@ class PcapngRecorder:
             pos = 0
             while pos < n:
                 if not remaining:  # a message starts: the usual RET_SUBMIT, or hand over
-                    if n - pos < 48 or part[pos] or part[pos + 1]:
+                    if n - pos < 48:
                         break
-                    command, seqnum, _d, _dir, _ep, _status, length, _s, packets = unpack(part, pos)
+                    command, seqnum, length, packets = peek(part, pos)
                     if (
                         command != USBIP_RET_SUBMIT
                         or (packets and packets != 0xFFFFFFFF)
@@ -558,33 +561,41 @@ class PcapngRecorder:
                     ):
                         break
                     remaining = 48 + length if directions.pop(seqnum) else 48
-                take = n - pos
-                if take > remaining:
-                    take = remaining
-                if take > _MAX_SEGMENT - filled:
-                    take = _MAX_SEGMENT - filled
-                segment.append(part if take == n else memoryview(part)[pos : pos + take])
-                pos += take
-                filled += take
-                remaining -= take
-                if not remaining or filled == _MAX_SEGMENT:
-                    caplen = 54 + filled
-                    pad = -caplen & 3
-                    ip_id = (ip_id + 1) & 0xFFFF
-                    folded = base + 40 + filled + ip_id
-                    folded = (folded & 0xFFFF) + (folded >> 16)
-                    folded = (folded & 0xFFFF) + (folded >> 16)
-                    append(
-                        epb(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen)
-                        + v4(prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, route,
-                             own & 0xFFFFFFFF, ack, 0x50, 0x18, window)
-                    )
-                    out += segment
-                    append(tails[pad](32 + caplen + pad))
-                    own += filled
-                    segment = []
-                    filled = 0
-                    self.frames += 1
+                if pos == 0 and n <= remaining and n <= _MAX_SEGMENT - filled:  # the whole buffer
+                    append(part)
+                    pos = n
+                    filled += n
+                    remaining -= n
+                    if remaining and filled != _MAX_SEGMENT:
+                        continue
+                else:
+                    take = n - pos
+                    if take > remaining:
+                        take = remaining
+                    if take > _MAX_SEGMENT - filled:
+                        take = _MAX_SEGMENT - filled
+                    append(memoryview(part)[pos : pos + take])
+                    pos += take
+                    filled += take
+                    remaining -= take
+                    if remaining and filled != _MAX_SEGMENT:
+                        continue
+                # a segment ends: a message's end, or 65495 bytes
+                caplen = 54 + filled
+                pad = -caplen & 3
+                ip_id = (ip_id + 1) & 0xFFFF
+                folded = base + 40 + filled + ip_id
+                folded = (folded & 0xFFFF) + (folded >> 16)
+                out[head] = epb(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen) + v4(
+                    prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF,
+                    route, own & 0xFFFFFFFF, ack, 0x50, 0x18, window,
+                )  # fmt: skip
+                append(tails[pad](32 + caplen + pad))
+                head = len(out)
+                append(None)
+                own += filled
+                filled = 0
+                frames += 1
             done += pos
             if pos < n:  # hand over at this message boundary
                 break
@@ -595,16 +606,16 @@ class PcapngRecorder:
             ip_id = (ip_id + 1) & 0xFFFF
             folded = base + 40 + filled + ip_id
             folded = (folded & 0xFFFF) + (folded >> 16)
-            folded = (folded & 0xFFFF) + (folded >> 16)
-            append(
-                epb(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen)
-                + v4(prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, route,
-                     own & 0xFFFFFFFF, ack, 0x50, 0x18, window)
-            )
-            out += segment
+            out[head] = epb(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen) + v4(
+                prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF,
+                route, own & 0xFFFFFFFF, ack, 0x50, 0x18, window,
+            )  # fmt: skip
             append(tails[pad](32 + caplen + pad))
             own += filled
-            self.frames += 1
+            frames += 1
+        else:
+            del out[head]
+        self.frames += frames
         tcp.seq[False] = own
         tcp.ip_id = ip_id
         stream.remaining = remaining

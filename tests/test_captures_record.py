@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from captures import wire
 from captures.reader import iter_frames
 from captures.record import PcapngRecorder, RecordedDevice, exported_devices
 from captures.transactions import analyze
@@ -704,4 +705,9 @@ def test_buffer_lists_frame_like_their_join_and_are_written_before_the_call_retu
                 scratch[:] = bytes(len(scratch))  # reused: the recording must already hold the bytes
             tap.closed(1, "done")
     assert tcp_segments(paths["joined"]) == tcp_segments(paths["buffers"])
-    assert len(list(iter_frames(paths["joined"].read_bytes()))) == len(list(iter_frames(paths["buffers"].read_bytes())))
+    frames = list(iter_frames(paths["buffers"].read_bytes()))
+    assert len(frames) == len(list(iter_frames(paths["joined"].read_bytes())))
+    for _number, _linktype, _ts, buffer, offset, caplen, length, _ in frames:  # legal IPv4, checksums right
+        ip = bytes(buffer[offset + 14 : offset + 34])
+        assert caplen == length and struct.unpack(">H", ip[2:4])[0] == length - 14 <= 65535
+        assert wire.ipv4_checksum(ip[:10] + bytes(2) + ip[12:]) == struct.unpack(">H", ip[10:12])[0]
