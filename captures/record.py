@@ -84,6 +84,7 @@ _SYN_OPTIONS = struct.pack(">BBH", 2, 4, wire.MAX_SEGMENT) + bytes((1, 3, 3, 14)
 _PEEK = struct.Struct(">HH")
 _URB = struct.Struct(">IIIIIIiiI")  # usbip_header_basic, then the first four words of the command
 _RET_PEEK = struct.Struct(">II16xi4xI")  # a RET_SUBMIT's command, seqnum, actual_length, number_of_packets
+_CMD_PEEK = struct.Struct(">II4xI8xi4xI")  # a CMD_SUBMIT's command, seqnum, direction, length, number_of_packets
 _EPB_HEAD = struct.Struct("<IIIIIII")
 _U32 = struct.Struct("<I")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by caplen % 4
@@ -493,16 +494,16 @@ class PcapngRecorder:
                 layouts = conn.ipv4 if conn is not None else None
                 if conn is None or layouts is None or self._notes:
                     self._frame_data(out, (edge, cid), stamp, from_client, parts)
+                    size = sum(map(len, out))
                 elif from_client:
-                    self._frame_client(out, conn, layouts[1], stamp, parts)
+                    size = self._frame_client(out, conn, layouts[1], stamp, parts)
                 else:
-                    self._frame_server(out, conn, layouts[0], stamp, parts)
+                    size = self._frame_server(out, conn, layouts[0], stamp, parts)
             except Exception as exc:  # a recorder bug must not break the session
                 self._fail(f"internal error: {exc!r}", exc)
                 return
             try:
                 if len(out) <= _IOV_MAX:  # _write's usual case, inline
-                    size = sum(map(len, out))
                     if os.writev(self._fd, out) == size:
                         self._offset += size
                         return
@@ -518,14 +519,15 @@ class PcapngRecorder:
         layout: _Layout,
         stamp: int,
         parts: Sequence[bytes | bytearray | memoryview],
-    ) -> None:
+    ) -> int:
         """`_frame_data` for the server's usual bytes (RET_SUBMITs of an IPv4 connection), in one loop: each
         message's buffers (or views of them) go to `out` between its frames' headers and tails. At anything
-        else at a message start, what follows goes to `_frame_data`, which takes over at that boundary."""
+        else at a message start, what follows goes to `_frame_data`, which takes over at that boundary.
+        Returns the bytes in `out`."""
         stream = conn.streams[False]
         if stream.raw or stream.head or stream.comment is not None:
             self._frame_data(out, conn.key, stamp, False, parts)
-            return
+            return sum(map(len, out))
         tcp = conn.tcp
         v4, prefix, route, base = layout
         epb = _EPB_HEAD.pack
@@ -540,6 +542,7 @@ class PcapngRecorder:
         window = tcp.window
         remaining = stream.remaining
         frames = 0
+        size = 0
         head = len(out)  # where the current frame's header goes, once its length is known
         append(None)
         filled = 0
@@ -591,6 +594,7 @@ class PcapngRecorder:
                     route, own & 0xFFFFFFFF, ack, 0x50, 0x18, window,
                 )  # fmt: skip
                 append(tails[pad](32 + caplen + pad))
+                size += 32 + caplen + pad
                 head = len(out)
                 append(None)
                 own += filled
@@ -611,6 +615,7 @@ class PcapngRecorder:
                 route, own & 0xFFFFFFFF, ack, 0x50, 0x18, window,
             )  # fmt: skip
             append(tails[pad](32 + caplen + pad))
+            size += 32 + caplen + pad
             own += filled
             frames += 1
         else:
@@ -625,6 +630,8 @@ class PcapngRecorder:
             skip = done - sum(len(p) for p in parts[:index])
             rest = [memoryview(part)[skip:] if skip else part, *parts[index + 1 :]]
             self._frame_data(out, conn.key, stamp, False, rest)
+            return sum(map(len, out))
+        return size
 
     def _frame_client(
         self,
@@ -633,52 +640,46 @@ class PcapngRecorder:
         layout: _Layout,
         stamp: int,
         parts: Sequence[bytes | bytearray | memoryview],
-    ) -> None:
-        """`_frame_data` for the client's usual bytes (whole CMD_SUBMITs, IPv4): the directions noted, the call's
-        buffers framed as one segment. Anything else goes to `_frame_data` (noting a direction twice is
-        harmless)."""
+    ) -> int:
+        """`_frame_data` for the client's usual bytes (whole CMD_SUBMITs in one buffer, IPv4): the directions
+        noted, the buffer framed as one segment. Anything else goes to `_frame_data` (noting a direction twice
+        is harmless). Returns the bytes in `out`."""
         stream = conn.streams[True]
-        if len(parts) != 1 or stream.raw or stream.head or stream.remaining or stream.comment is not None:
-            self._frame_data(out, conn.key, stamp, True, parts)
-            return
-        data = parts[0]
+        data = parts[0] if len(parts) == 1 else b""
         n = len(data)
-        if not 0 < n <= _MAX_SEGMENT:
-            self._frame_data(out, conn.key, stamp, True, parts)
-            return
-        unpack = _URB.unpack_from
-        directions = conn.directions
         pos = 0
-        while pos < n:
-            if n - pos < 48 or data[pos] or data[pos + 1]:
-                break
-            command, seqnum, _d, direction, _ep, _flags, length, _s, packets = unpack(data, pos)
-            if command != USBIP_CMD_SUBMIT or direction > 1 or packets or not 0 <= length <= _MAX_LENGTH:
-                break
-            directions[seqnum] = direction
-            pos += 48 + length if direction == 0 else 48
-        if pos != n:  # not whole CMD_SUBMITs
+        if 0 < n <= _MAX_SEGMENT and not (stream.raw or stream.head or stream.remaining or stream.comment):
+            peek = _CMD_PEEK.unpack_from
+            directions = conn.directions
+            while n - pos >= 48:
+                command, seqnum, direction, length, packets = peek(data, pos)
+                if command != USBIP_CMD_SUBMIT or direction > 1 or packets or not 0 <= length <= _MAX_LENGTH:
+                    break
+                directions[seqnum] = direction
+                pos += 48 if direction else 48 + length
+        if pos != n or not n:  # not whole CMD_SUBMITs in one buffer
             self._frame_data(out, conn.key, stamp, True, parts)
-            return
+            return sum(map(len, out))
         stream.position += n
         tcp = conn.tcp
+        seq = tcp.seq
         v4, prefix, route, base = layout
         ip_id = tcp.ip_id = (tcp.ip_id + 1) & 0xFFFF
-        own = tcp.seq[True]
-        tcp.seq[True] = own + n
+        own = seq[True]
+        seq[True] = own + n
         caplen = 54 + n
         pad = -caplen & 3
         folded = base + 40 + n + ip_id
         folded = (folded & 0xFFFF) + (folded >> 16)
-        folded = (folded & 0xFFFF) + (folded >> 16)
-        out.append(
+        out += (
             _EPB_HEAD.pack(6, 32 + caplen + pad, 0, stamp >> 32, stamp & 0xFFFFFFFF, caplen, caplen)
-            + v4(prefix, 40 + n, ip_id, b"\x40\0\x40\x06", ~folded & 0xFFFF, route, own & 0xFFFFFFFF,
-                 tcp.seq[False] & 0xFFFFFFFF, 0x50, 0x18, tcp.window)
-        )
-        out.append(data)
-        out.append(_TAILS[pad](32 + caplen + pad))
+            + v4(prefix, 40 + n, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF, route,
+                 own & 0xFFFFFFFF, seq[False] & 0xFFFFFFFF, 0x50, 0x18, tcp.window),
+            data,
+            _TAILS[pad](32 + caplen + pad),
+        )  # fmt: skip
         self.frames += 1
+        return 32 + caplen + pad
 
     def _on_close(self, key: tuple[int, int], reason: str) -> None:
         with self._lock:
