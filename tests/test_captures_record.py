@@ -711,3 +711,17 @@ def test_buffer_lists_frame_like_their_join_and_are_written_before_the_call_retu
         ip = bytes(buffer[offset + 14 : offset + 34])
         assert caplen == length and struct.unpack(">H", ip[2:4])[0] == length - 14 <= 65535
         assert wire.ipv4_checksum(ip[:10] + bytes(2) + ip[12:]) == struct.unpack(">H", ip[10:12])[0]
+
+
+def test_iov_callback_gives_a_recorder_its_own_data_iov_and_a_plain_tap_the_joined_bytes(tmp_path: Path) -> None:
+    from emulator.tap import iov_callback
+
+    plain = Streams()
+    joined = iov_callback(plain)
+    assert joined is not None
+    joined(1, False, [b"ab", memoryview(b"cd"), bytearray(b"e")])
+    assert plain.data[False] == b"abcde"
+    assert iov_callback(None) is None
+    with PcapngRecorder(tmp_path / "i.pcapng", mode="server", address="x") as recorder:
+        tap = recorder.tap
+        assert iov_callback(tap) is tap.data_iov
