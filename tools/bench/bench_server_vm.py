@@ -107,27 +107,30 @@ def guest_main(size_mb: int, rounds: int, reference_speed: str) -> dict[str, obj
         attach(stack, "kernel", dev.busid, daemon.port)
 
         serve = [sys.executable, "-m", "emulator.cli", "serve", "--disk", str(image), "--read-only"]
-        stack.enter_context(server_process([*serve, "--port", "3300"], 3300))
+        procs = {"vusb": stack.enter_context(server_process([*serve, "--port", "3300"], 3300))}
         attach(stack, "vusb", "1-1", 3300)
-        stack.enter_context(server_process([*serve, "--port", "3302", "--speed", "high"], 3302))
+        procs["vusb_hs"] = stack.enter_context(server_process([*serve, "--port", "3302", "--speed", "high"], 3302))
         attach(stack, "vusb_hs", "1-1", 3302)
         try:
             import usbip  # noqa: F401  (only to know whether the PyPI package is installed)
         except ImportError:
             results["pypi_missing"] = True
         else:
-            stack.enter_context(
+            procs["pypi"] = stack.enter_context(
                 server_process([sys.executable, "-c", _PYPI_SERVER, str(image), "3301"], 3301)
             )
             attach(stack, "pypi", "1-1", 3301)
 
         for name in disks:
             results[f"{name}_mb_s"] = []
+        cpu_before = {name: cpu_seconds(proc.pid) for name, proc in procs.items()}
         for _ in range(rounds):
             for name, speed in measure_round(disks, size, expected).items():
                 speeds = results[f"{name}_mb_s"]
                 assert isinstance(speeds, list)
                 speeds.append(speed)
+        for name, proc in procs.items():  # the server's own CPU (all threads) per MiB read through it
+            results[f"{name}_cpu_ms_per_mib"] = (cpu_seconds(proc.pid) - cpu_before[name]) * 1e3 / (size_mb * rounds)
     guest.wait_for_disk_gone("vhci_hcd")
     return results
 
@@ -160,6 +163,12 @@ device.add(MSC(ImageFile(sys.argv[1]), read_only=True))
 device.plug(via=USBIP("127.0.0.1", int(sys.argv[2])))
 threading.Event().wait()
 """
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -207,7 +216,9 @@ def report(results: dict[str, object]) -> float:
     for name, label in PATHS.items():
         if name in speeds:
             rounds = ", ".join(f"{x:.1f}" for x in speeds[name])
-            print(f"  {label + ':':52} {statistics.median(speeds[name]):7.1f} MB/s  (rounds {rounds})")
+            cpu = results.get(f"{name}_cpu_ms_per_mib")
+            cpu_text = "" if cpu is None else f", server CPU {cpu:.1f} ms/MiB"
+            print(f"  {label + ':':52} {statistics.median(speeds[name]):7.1f} MB/s  (rounds {rounds}{cpu_text})")
     same = "vusb" if results["reference_speed"] == "super" else "vusb_hs"
     other = "vusb_hs" if same == "vusb" else "vusb"
     headline = ratio(same, "kernel")
