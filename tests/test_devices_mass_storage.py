@@ -4,6 +4,7 @@ Reset Recovery, NAKs, chunked data phases, and a host driver that behaves like L
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_devices_scsi import BS, TUR, MemoryStore, inquiry, request_sense, rw10
 
-from emulator.devices.base import STALL, Device, Reply, TransferStatus
+from emulator.devices.base import STALL, Device, FileRegion, Reply, TransferStatus
 from emulator.devices.mass_storage import (
     US_BULK_CB_SIGN,
     US_BULK_CS_SIGN,
@@ -764,3 +765,36 @@ def test_naked_in_transfer_wakes_the_edge_when_the_cbw_arrives(image: Path) -> N
     assert device.transfer(BULK_IN, None, 13) is None
     device.transfer(BULK_OUT, cbw(TUR, 0, OUT), 31)
     assert woken == [1]
+
+
+def test_file_regions_when_the_edge_asks_big_reads_come_as_regions_of_the_image(image: Path) -> None:
+    device = configured(mass_storage_device(image, read_only=True))
+    content = image.read_bytes()
+    # Not asked: bytes, as every edge that wants bytes expects.
+    csw, data = device_command(device, rw10(Opcode.READ_10, 8, 64), 64 * BS, IN)
+    assert type(data) is bytes and data == content[8 * BS : 72 * BS] and csw.status == US_BULK_STAT_OK
+    device.file_regions = True
+    csw, region = device_command(device, rw10(Opcode.READ_10, 8, 64), 64 * BS, IN)
+    assert isinstance(region, FileRegion) and len(region) == 64 * BS and csw.status == US_BULK_STAT_OK
+    assert bytes(region) == content[8 * BS : 72 * BS]
+    # Small reads stay bytes (a region is not worth its own syscall), and so do other commands' data.
+    _, small = device_command(device, rw10(Opcode.READ_10, 1, 2), 2 * BS, IN)
+    assert type(small) is bytes and small == content[BS : 3 * BS]
+    assert type(device_command(device, inquiry(), 36, IN)[1]) is bytes
+    device.close()
+
+
+def test_file_region_of_an_image_that_shrank_is_an_error_not_short_data(tmp_path: Path) -> None:
+    path = tmp_path / "shrinks.img"
+    path.write_bytes(bytes(64 * BS))
+    with ImageStore(path, read_only=True) as store:
+        region = store.region(0, 64 * BS)
+        assert isinstance(region, FileRegion)
+        os.truncate(path, 32 * BS)
+        with pytest.raises(OSError, match="short"):
+            bytes(region)
+
+
+def test_overlay_store_regions_are_plain_bytes(image: Path) -> None:
+    with OverlayStore(image) as store:
+        assert store.region(0, 64 * BS) == image.read_bytes()[: 64 * BS]

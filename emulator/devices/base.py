@@ -54,6 +54,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -107,12 +108,39 @@ class TransferStatus(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class FileRegion:
+    """IN data that is `length` bytes of an open file at `offset`, not read yet. An edge that can move file
+    bytes to its peer without copying them through Python (sendfile(2) to a TCP socket: the page cache pages
+    go into the socket as they are) sends it as it is; anything else reads it with `bytes(region)`. Models
+    hand one out only when the edge asked for it (`Device.file_regions`), so code that wants bytes never
+    meets one. The file must not shrink before the region is sent: `bytes()` raises OSError if it did."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __bytes__(self) -> bytes:
+        parts: list[bytes] = []
+        got = 0
+        while got < self.length:
+            more = os.pread(self.fd, self.length - got, self.offset + got)
+            if not more:
+                raise OSError(f"file ended {self.length - got} bytes short of a region at offset {self.offset}")
+            parts.append(more)
+            got += len(more)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """The outcome of one transfer. `data` is IN data; `actual_length` defaults to len(data) for IN and
     must be set by the model for OUT (bytes it accepted)."""
 
     status: TransferStatus = TransferStatus.OK
-    data: bytes = b""
+    data: bytes | FileRegion = b""  # a FileRegion only for a device whose edge set `file_regions`
     actual_length: int | None = None
 
     @property
@@ -375,6 +403,9 @@ class Device:
             raise DeviceError(f"bConfigurationValue must be 1..255 (0 means unconfigured), got "
                               f"{configuration_value}")
         self.speed = Speed(speed)
+        # Set by an edge that can send a `FileRegion` (the USB/IP server, with sendfile): functions may then
+        # answer bulk IN with one instead of bytes read into Python.
+        self.file_regions = False
         self.functions: tuple[Function, ...] = tuple(functions)
         self.langid = langid
         self.bcd_usb = _BCD_USB_DEFAULT[self.speed] if bcd_usb is None else bcd_usb

@@ -173,6 +173,7 @@ class BulkOnlyTransport:
         self.max_packet_size = max_packet_size
         self.can_stall = can_stall
         self.wakeup = wakeup
+        self.file_regions = False  # data-in may be a FileRegion (the edge sends it with sendfile)
         self._in_halted = False
         self._out_halted = False
         self._wedged = False  # halts survive CLEAR_FEATURE until a Bulk-Only Mass Storage Reset
@@ -422,7 +423,7 @@ class BulkOnlyTransport:
         cmd = self._cmd
         assert cmd is not None
         n = min(length, self._device_left)
-        data = cmd.read(n) if n else b""
+        data = (cmd.read_region(n) if self.file_regions else cmd.read(n)) if n else b""
         got = len(data)
         self._moved += got
         self._device_left = self._device_left - got if got == n else 0  # short: the device ran out (error)
@@ -498,6 +499,7 @@ class MassStorageFunction(Function):
             if endpoint == "out":
                 reply = bot.bulk_out(data if data is not None else b"")
             else:
+                bot.file_regions = self.device.file_regions  # the edge's choice, which may change
                 reply = bot.bulk_in(length)
             if bot._in_halted or bot._out_halted:  # not the properties: once per transfer
                 self._sync_halts()

@@ -25,7 +25,7 @@ import enum
 import struct
 from collections.abc import Callable, Sequence
 
-from emulator.devices.base import DeviceError
+from emulator.devices.base import DeviceError, FileRegion
 from emulator.devices.storage import StorageError, Store
 
 
@@ -183,6 +183,10 @@ class Command:
         not produce more (a medium error, reported by `finish`)."""
         return b""
 
+    def read_region(self, n: int) -> bytes | FileRegion:
+        """`read`, but the data may come as a `FileRegion` of the backing file (READ on an image store)."""
+        return self.read(n)
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Consume the next chunk of data-out (the transport never passes more than `length` in all)."""
 
@@ -239,6 +243,22 @@ class _Read(_BlockCommand):
         assert store is not None
         try:
             data = store.pread(self._offset + self._pos, n)
+        except StorageError:
+            block = (self._offset + self._pos) // store.block_size
+            self._error = UNRECOVERED_READ_ERROR.with_information(block)
+            return b""
+        self._pos += n
+        return data
+
+
+    def read_region(self, n: int) -> bytes | FileRegion:
+        n = min(n, self.length - self._pos)
+        if n <= 0 or self._error is not None:
+            return b""
+        store = self._unit.store
+        assert store is not None
+        try:
+            data = store.region(self._offset + self._pos, n)
         except StorageError:
             block = (self._offset + self._pos) // store.block_size
             self._error = UNRECOVERED_READ_ERROR.with_information(block)

@@ -23,9 +23,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 
-from emulator.devices.base import DeviceError
+from emulator.devices.base import DeviceError, FileRegion
 
 DEFAULT_BLOCK_SIZE = 512
+# Below this a region is not worth its own syscall: pread + one sendmsg beats sendmsg + sendfile.
+MIN_REGION = 16 * 1024
 
 
 class StorageError(DeviceError):
@@ -57,6 +59,11 @@ class Store(ABC):
     @abstractmethod
     def pread(self, offset: int, length: int) -> bytes:
         """Return exactly `length` bytes starting at byte `offset`."""
+
+    def region(self, offset: int, length: int) -> bytes | FileRegion:
+        """The bytes at `offset`, or a `FileRegion` for them when this store is a file an edge can send
+        without reading it into Python (`ImageStore`); other stores read them."""
+        return self.pread(offset, length)
 
     @abstractmethod
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -179,6 +186,14 @@ class ImageStore(Store):
             return b"".join(parts)
         except OSError as exc:
             raise StorageError(f"{self.path}: read error at offset {offset}: {exc.strerror or exc}") from exc
+
+    def region(self, offset: int, length: int) -> bytes | FileRegion:
+        fd = self._fd
+        if fd is None or length < MIN_REGION:
+            return self.pread(offset, length)
+        if offset < 0 or offset + length > self.size:
+            self._check_range(offset, length)  # raises
+        return FileRegion(fd, offset, length)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         fd = self._live_fd()
