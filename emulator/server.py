@@ -74,6 +74,7 @@ _SHORT_NOT_OK = int(URB_SHORT_NOT_OK)  # a plain int: `&` with an IntFlag member
 _DIR_IN = int(USBIP_DIR_IN)
 _OVERFLOW = int(TransferStatus.OVERFLOW)
 _SHORT = int(TransferStatus.SHORT)
+_DONTWAIT = socket.MSG_DONTWAIT  # sends never block: the URB thread's socket is a blocking one
 _DONE = Phase.DONE  # a module name: `Phase.DONE` goes through EnumType.__getattr__ (Python 3.11) per read
 
 
@@ -271,10 +272,17 @@ class UrbDispatcher:
 
 
 class _Session:
-    """One TCP connection: a non-blocking socket on the event loop, the sans-I/O connection, and after an
-    import, the dispatcher. Replies go out with `sendmsg` (header and payload as separate buffers, so a
-    64 KiB READ is never copied in Python); what the socket does not take at once waits in `_out` and reading
-    pauses until it drains."""
+    """One TCP connection: its socket, the sans-I/O connection, and after an import, the dispatcher.
+
+    Until the import the socket is non-blocking on the event loop. Once a device is imported (and the
+    server's `threads` is on), the URB phase runs on a thread of its own that blocks in `recv_into`: a
+    wake-up per batch of URBs rather than an epoll round and a turn of the event loop. The loop keeps what
+    is not per-URB: device wake-ups (`on_wakeup`), writing what the socket did not take at once, and
+    closing. One lock guards the connection, dispatcher and output queue between the two threads.
+
+    Replies go out with `sendmsg` (header and payload as separate buffers, so a 64 KiB READ is never copied
+    in Python), never blocking (MSG_DONTWAIT): what the socket does not take at once waits in `_out`, and
+    the loop writes it when the socket is writable; meanwhile reading pauses (the URB thread waits)."""
 
     def __init__(self, server: UsbipServer, cid: int, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -295,6 +303,11 @@ class _Session:
         self._received = bytearray(_READ_SIZE)
         self._received_view = memoryview(self._received)
         self._closing: str | None = None
+        self._lock = threading.RLock()
+        self._drained = threading.Condition(self._lock)  # notified when `_out` empties or the session closes
+        self._thread: threading.Thread | None = None  # the URB thread, once started
+        self._thread_done = False
+        self._thread_reason: str | None = None  # why the URB thread stopped (the peer closed, ...)
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -303,7 +316,7 @@ class _Session:
     # -- socket edge ----------------------------------------------------------------------------------------
 
     def _resume_reading(self) -> None:
-        if not self._reading and self._closing is None:
+        if not self._reading and self._closing is None and self._thread is None:
             self.loop.add_reader(self.sock, self._on_readable)
             self._reading = True
 
@@ -313,6 +326,7 @@ class _Session:
             self._reading = False
 
     def _on_readable(self) -> None:
+        """The loop's reader: the operation phase (and the URB phase when the server runs no threads)."""
         try:
             nbytes = self.sock.recv_into(self._received)
         except (BlockingIOError, InterruptedError):
@@ -320,6 +334,53 @@ class _Session:
         except OSError as exc:
             self.close(f"connection lost: {exc}")
             return
+        reason = self._process(nbytes)
+        if reason is not None:
+            self.close(reason)
+        elif self.dispatcher is not None and self.server.threads and self._closing is None:
+            self._start_urb_thread()
+
+    def _start_urb_thread(self) -> None:
+        self._pause_reading()
+        self.sock.setblocking(True)  # for recv_into on the thread; sends say MSG_DONTWAIT themselves
+        self._thread = threading.Thread(target=self._urb_loop, name=f"vusb-urbs-{self.cid}", daemon=True)
+        self._thread.start()
+
+    def _urb_loop(self) -> None:
+        """The URB thread: read, answer, repeat; waits while the client leaves replies unread."""
+        reason: str | None = None
+        try:
+            while reason is None:
+                try:
+                    nbytes = self.sock.recv_into(self._received)
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    reason = f"connection lost: {exc}"
+                    with self._lock:
+                        self._thread_reason = self._thread_reason or reason
+                    break
+                with self._lock:
+                    if self._closing is not None:
+                        break
+                    reason = self._thread_reason = self._process(nbytes)
+                    while self._out and self._closing is None:
+                        self._drained.wait()
+        except Exception as exc:  # a bug must not leave the session open with nobody reading it
+            log.exception("%s: the URB thread failed", self.peer)
+            reason = f"server error: {exc}"
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is being torn down
+                self.loop.call_soon_threadsafe(self._urb_loop_ended, reason)
+
+    def _urb_loop_ended(self, reason: str | None) -> None:
+        self._thread_done = True
+        if reason is not None:
+            self.close(reason)
+        self._finish_if_done()
+
+    def _process(self, nbytes: int) -> str | None:
+        """Take `nbytes` just received, answer what can be answered, send it; why to close, if so."""
         data = self._received_view[:nbytes]
         if nbytes and self.server.tap is not None:
             self.server.tap(self.cid, True, bytes(data))
@@ -355,16 +416,15 @@ class _Session:
                     continue
                 if isinstance(event, ConnectionClosed):
                     self._send(out)
-                    self.close("closed by peer")
-                    return
+                    return "closed by peer"
                 self._handle(event, out)
             self._send(out)
         except ProtocolError as exc:
             log.warning("%s: closing connection: %s", self.peer, exc)
-            self.close(f"protocol error: {exc}")
-            return
+            return f"protocol error: {exc}"
         if conn.phase is _DONE:
-            self.close("operation done")
+            return "operation done"
+        return None
 
     def _send(self, parts: list[bytes]) -> None:
         if not parts or (self._closing is not None and self.sock.fileno() < 0):
@@ -374,11 +434,11 @@ class _Session:
         out = self._out
         if not out and len(parts) <= _IOV_MAX:  # nothing waiting: the usual case, all of it goes at once
             try:
-                sent = self.sock.sendmsg(parts)
+                sent = self.sock.sendmsg(parts, (), _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
-                sent = 0  # _flush below meets the error again and closes
+                sent = 0  # _flush meets the error again and closes
             size = sum(map(len, parts))
             if sent == size:
                 return
@@ -393,6 +453,10 @@ class _Session:
                 if self._out_bytes > _HIGH_WATER:
                     self._pause_reading()
                 return
+        thread = self._thread
+        if thread is not None and thread.ident == threading.get_ident():
+            self.loop.call_soon_threadsafe(self._flush)  # the loop writes the rest; the thread waits
+            return
         self._flush()
         if self._out_bytes > _HIGH_WATER:
             self._pause_reading()
@@ -411,35 +475,41 @@ class _Session:
                 sent = 0
 
     def _flush(self) -> None:
-        out = self._out
-        while out:
-            try:  # sendmsg takes the deque itself unless it is longer than the kernel's iovec limit
-                sent = self.sock.sendmsg(out if len(out) <= _IOV_MAX else list(islice(out, _IOV_MAX)))
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                out.clear()
-                self._out_bytes = 0
-                if self._writing:
-                    self._writing = False
-                    self.loop.remove_writer(self.sock)
-                self.close(f"connection lost: {exc}")
+        """Write what waits in `_out` (on the loop: called directly, as the writer, or from the thread)."""
+        with self._lock:
+            out = self._out
+            while out:
+                try:  # sendmsg takes the deque itself unless it is longer than the kernel's iovec limit
+                    sent = self.sock.sendmsg(
+                        out if len(out) <= _IOV_MAX else list(islice(out, _IOV_MAX)), (), _DONTWAIT
+                    )
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    out.clear()
+                    self._out_bytes = 0
+                    if self._writing:
+                        self._writing = False
+                        self.loop.remove_writer(self.sock)
+                    self._drained.notify_all()
+                    self.close(f"connection lost: {exc}")
+                    return
+                if sent == self._out_bytes:  # all of it went
+                    out.clear()
+                    self._out_bytes = 0
+                    break
+                self._consume(sent)
+            if out:
+                if not self._writing and self.sock.fileno() >= 0:
+                    self._writing = True
+                    self.loop.add_writer(self.sock, self._flush)
                 return
-            if sent == self._out_bytes:  # all of it went
-                out.clear()
-                self._out_bytes = 0
-                break
-            self._consume(sent)
-        if out:
-            if not self._writing:
-                self._writing = True
-                self.loop.add_writer(self.sock, self._flush)
-            return
-        if self._writing:
-            self._writing = False
-            self.loop.remove_writer(self.sock)
+            if self._writing:
+                self._writing = False
+                self.loop.remove_writer(self.sock)
+            self._drained.notify_all()
         if self._closing is not None:
-            self._finish()
+            self._finish_if_done()
         elif not self._reading and self._out_bytes <= _HIGH_WATER:
             self._resume_reading()
 
@@ -451,12 +521,13 @@ class _Session:
 
     def on_wakeup(self) -> None:
         """Called on the loop (via call_soon_threadsafe) when the device may complete queued URBs."""
-        if self.dispatcher is None or self._closing is not None:
-            return
-        out: list[bytes] = []
-        for ret in self.dispatcher.retry():
-            out += self.conn.complete_iov(ret)
-        self._send(out)
+        with self._lock:
+            if self.dispatcher is None or self._closing is not None:
+                return
+            out: list[bytes] = []
+            for ret in self.dispatcher.retry():
+                out += self.conn.complete_iov(ret)
+            self._send(out)
 
     def _handle(self, event: object, out: list[bytes]) -> None:
         if type(event) is CmdSubmit:
@@ -499,13 +570,29 @@ class _Session:
     # -- ending ---------------------------------------------------------------------------------------------
 
     def close(self, reason: str) -> None:
-        """Stop reading, release the device, and close once what is queued has been sent."""
+        """Stop reading, release the device, and close once what is queued has been sent (and the URB
+        thread, if any, has stopped: shutting the socket's read side wakes it). On the loop."""
         if self._closing is not None:
             return
-        self._closing = reason
-        self._pause_reading()
-        self.release(reason)
-        if not self._out:
+        threaded = self._thread is not None and not self._thread_done
+        if threaded and self._thread_reason is None:
+            # The peer may have closed already, its end of stream on its way to the URB thread: say so,
+            # rather than blame whatever raced it (a server shutting down), as a loop reading it would.
+            with contextlib.suppress(OSError):
+                if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    reason = "closed by peer"
+        with self._lock:
+            self._closing = self._thread_reason or reason
+            self._drained.notify_all()
+            self._pause_reading()
+            self.release(reason)
+        if threaded:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RD)
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        if not self._out and (self._thread is None or self._thread_done):
             self._finish()
 
     def _finish(self) -> None:
@@ -535,7 +622,9 @@ class UsbipServer:
             print(server.port)
             await server.serve_forever()
 
-    Default bind is 127.0.0.1:3240; `port=0` picks a free port (see `.port`).
+    Default bind is 127.0.0.1:3240; `port=0` picks a free port (see `.port`). With `threads` (the
+    default) each imported session answers its URBs on a thread of its own; `threads=False` keeps
+    everything on the event loop.
     """
 
     def __init__(
@@ -546,8 +635,10 @@ class UsbipServer:
         port: int = USBIP_PORT,
         limits: Limits = DEFAULT_LIMITS,
         tap: Tap | SessionTap | None = None,
+        threads: bool = True,
     ) -> None:
         self.exports = make_exports(devices)
+        self.threads = threads  # a thread per imported session for its URBs (see _Session)
         self.host = host
         self.port = port
         self.limits = limits

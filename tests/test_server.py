@@ -360,3 +360,111 @@ def test_dispatcher_plain_path_answers_like_submit(tmp_path: Path) -> None:
     assert full[1][2] == bytes(range(256)) * 4
     assert any(r is not None and r[0] == -121 for r in full)
     assert any(r is not None and r[0] == -75 for r in full)
+
+
+def _read10_urbs(client: ClientConnection, devid: int, lba: int, blocks: int, tag: int) -> bytes:
+    """The three CMD_SUBMITs of one Bulk-Only READ(10) (CBW, data, CSW) as bytes to send at once."""
+    cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
+    cbw = struct.pack("<IIIBBB16s", 0x43425355, tag, blocks * 512, 0x80, 0, len(cdb), cdb)
+    out = b""
+    for direction, length, data in (
+        (USBIP_DIR_OUT, 31, cbw),
+        (USBIP_DIR_IN, blocks * 512, b""),
+        (1, 13, b""),
+    ):
+        out += client.send(
+            CmdSubmit(
+                seqnum=client.next_seqnum(),
+                devid=devid,
+                direction=direction,
+                ep=1,
+                transfer_buffer_length=length,
+                transfer_buffer=data,
+            )
+        )
+    return out
+
+
+def _import_disk(port: int) -> tuple[socket.socket, ClientConnection, int]:
+    """A blocking socket with the disk imported and configured, its client connection, and the devid."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    client = ClientConnection()
+    sock.sendall(client.send(OpReqImport(busid="1-1")))
+    rep = _next(sock, client)
+    assert isinstance(rep, OpRepImport) and rep.udev is not None
+    devid = rep.udev.devid
+    sock.sendall(
+        client.send(
+            CmdSubmit(
+                seqnum=client.next_seqnum(),
+                devid=devid,
+                direction=USBIP_DIR_OUT,
+                ep=0,
+                setup=set_configuration(1).to_bytes(),
+            )
+        )
+    )
+    assert isinstance(_next(sock, client), RetSubmit)
+    return sock, client, devid
+
+
+def _next(sock: socket.socket, client: ClientConnection) -> object:
+    while (event := client.next_event()) is NEED_DATA:
+        data = sock.recv(1 << 20)
+        assert data, "the server closed the connection"
+        client.receive_data(data)
+    return event
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["urb-thread", "loop-only"])
+def test_client_that_stops_reading_gets_every_reply_in_order_once_it_reads(
+    tmp_path: Path, threads: bool
+) -> None:
+    """16 MiB of READ(10) replies asked for at once, none read for a while: the server's sends fill the
+    socket, the rest waits (the URB thread for the loop to write it), and every reply arrives, in order
+    and with the image's bytes, once the client reads; the session then goes on as before."""
+    import os
+    import time
+
+    from emulator.server import ServerThread
+
+    image = tmp_path / "disk.img"
+    content = os.urandom(1 << 20)
+    image.write_bytes(content)
+    with ServerThread([mass_storage_device(image, read_only=True)], threads=threads) as server:
+        sock, client, devid = _import_disk(server.port)
+        with sock:
+            commands = 256  # of 64 KiB: 16 MiB, far more than both socket buffers hold
+            sock.sendall(
+                b"".join(_read10_urbs(client, devid, (i * 128) % 2048, 128, i) for i in range(commands))
+            )
+            time.sleep(0.3)
+            for i in range(commands):
+                rets = [_next(sock, client) for _ in range(3)]
+                assert all(isinstance(r, RetSubmit) and r.status == 0 for r in rets)
+                offset = (i * 128) % 2048 * 512
+                assert rets[1].transfer_buffer == content[offset : offset + 65536]  # type: ignore[union-attr]
+                assert rets[2].transfer_buffer[:4] == b"USBS" and rets[2].transfer_buffer[12] == 0  # type: ignore[union-attr]
+            assert not client.pending_seqnums
+            sock.sendall(_read10_urbs(client, devid, 0, 8, 999))
+            assert [_next(sock, client).status for _ in range(3)] == [0, 0, 0]  # type: ignore[attr-defined]
+
+
+def test_server_stop_ends_a_session_whose_client_reads_nothing_and_frees_the_device(tmp_path: Path) -> None:
+    """The URB thread waits on a client that reads nothing; stopping the server still ends the session,
+    frees the device and returns."""
+    import time
+
+    from emulator.server import ServerThread
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    server = ServerThread([mass_storage_device(image, read_only=True)]).start()
+    sock, client, devid = _import_disk(server.port)
+    with sock:
+        sock.sendall(b"".join(_read10_urbs(client, devid, 0, 128, i) for i in range(256)))
+        time.sleep(0.3)
+        assert server.server.sessions == 1
+        server.stop()
+        assert server.server.sessions == 0
+        assert server.server.exports["1-1"].importer is None
