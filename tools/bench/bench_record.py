@@ -168,7 +168,7 @@ def main() -> None:
                     client = PipelinedClient(port, args.depth)
                     before = cpu_seconds(child.pid)
                     seconds, digest = client.read(size)
-                    time.sleep(0.05)  # let the recorder's thread finish the last batch
+                    time.sleep(0.05)  # let the server finish its last sends
                     cpu[record].append(cpu_seconds(child.pid) - before)
                 finally:
                     stop(child)
