@@ -30,7 +30,7 @@ from itertools import islice
 
 from emulator.devices.base import Device, Reply, TransferStatus
 from emulator.errors import VusbError
-from emulator.tap import SessionTap, Tap, data_callback, session_tap
+from emulator.tap import SessionTap, Tap, data_callback, iov_callback, session_tap
 from emulator.usb.setup import SetupPacket
 from emulator.usbip import (
     NEED_DATA,
@@ -382,8 +382,9 @@ class _Session:
     def _process(self, nbytes: int) -> str | None:
         """Take `nbytes` just received, answer what can be answered, send it; why to close, if so."""
         data = self._received_view[:nbytes]
-        if nbytes and self.server.tap is not None:
-            self.server.tap(self.cid, True, bytes(data))
+        tap = self.server.tap_iov
+        if nbytes and tap is not None:
+            tap(self.cid, True, (data,))  # the receive buffer itself: valid for the call (emulator.tap)
         conn = self.conn
         try:
             conn.receive_data(data)
@@ -429,8 +430,9 @@ class _Session:
     def _send(self, parts: list[bytes]) -> None:
         if not parts or (self._closing is not None and self.sock.fileno() < 0):
             return
-        if self.server.tap is not None:
-            self.server.tap(self.cid, False, b"".join(parts))
+        tap = self.server.tap_iov
+        if tap is not None:
+            tap(self.cid, False, parts)  # the buffers of this sendmsg, not joined
         out = self._out
         if not out and len(parts) <= _IOV_MAX:  # nothing waiting: the usual case, all of it goes at once
             try:
@@ -643,6 +645,7 @@ class UsbipServer:
         self.port = port
         self.limits = limits
         self.tap = data_callback(tap)
+        self.tap_iov = iov_callback(tap)  # what the sessions call: a socket read or write as its buffers
         self._session_tap = session_tap(tap)  # also told of connections opening and closing (emulator.tap)
         self._listeners: list[socket.socket] = []
         self._sessions: set[_Session] = set()
