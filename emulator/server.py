@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import select
 import socket
 import threading
 from collections import deque
@@ -28,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
-from emulator.devices.base import Device, Reply, TransferStatus
+from emulator.devices.base import Device, FileRegion, Reply, TransferStatus
 from emulator.errors import VusbError
 from emulator.tap import SessionTap, Tap, data_callback, iov_callback, session_tap
 from emulator.usb.setup import SetupPacket
@@ -74,8 +76,18 @@ _SHORT_NOT_OK = int(URB_SHORT_NOT_OK)  # a plain int: `&` with an IntFlag member
 _DIR_IN = int(USBIP_DIR_IN)
 _OVERFLOW = int(TransferStatus.OVERFLOW)
 _SHORT = int(TransferStatus.SHORT)
-_DONTWAIT = socket.MSG_DONTWAIT  # sends never block: the URB thread's socket is a blocking one
+_DONTWAIT = socket.MSG_DONTWAIT  # sends never block (the socket is non-blocking anyway; say it twice)
+_MORE = socket.MSG_MORE  # a header whose payload follows by sendfile: one segment, not two
 _DONE = Phase.DONE  # a module name: `Phase.DONE` goes through EnumType.__getattr__ (Python 3.11) per read
+
+
+def _as_bytes(part: bytes | FileRegion) -> bytes:
+    return bytes(part) if type(part) is FileRegion else part  # type: ignore[return-value]
+
+
+class _Broken(Exception):
+    """A reply could not be written whole (the socket failed, or the image shrank under a region being
+    sent): the stream is cut mid-message, so the connection has to go."""
 
 
 class ServerError(VusbError):
@@ -148,7 +160,7 @@ def _ret_for(cmd: CmdSubmit, reply: Reply) -> RetSubmit:
     if cmd.direction == USBIP_DIR_IN:
         data = reply.data
         if len(data) > cmd.transfer_buffer_length:
-            data = data[: cmd.transfer_buffer_length]
+            data = _as_bytes(data)[: cmd.transfer_buffer_length]
             if status == 0:
                 status = int(TransferStatus.OVERFLOW)
         elif status == 0 and cmd.transfer_flags & _SHORT_NOT_OK and len(data) < cmd.transfer_buffer_length:
@@ -210,7 +222,7 @@ class UrbDispatcher:
                 data = reply.data
                 actual = len(data)
                 if actual > length:
-                    data = data[:length]
+                    data = _as_bytes(data)[:length]
                     actual = length
                     if status == 0:
                         status = _OVERFLOW
@@ -342,18 +354,21 @@ class _Session:
 
     def _start_urb_thread(self) -> None:
         self._pause_reading()
-        self.sock.setblocking(True)  # for recv_into on the thread; sends say MSG_DONTWAIT themselves
         self._thread = threading.Thread(target=self._urb_loop, name=f"vusb-urbs-{self.cid}", daemon=True)
         self._thread.start()
 
     def _urb_loop(self) -> None:
         """The URB thread: read, answer, repeat; waits while the client leaves replies unread."""
         reason: str | None = None
+        # The socket stays non-blocking (sendfile has no MSG_DONTWAIT): the thread waits in poll instead.
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
         try:
             while reason is None:
                 try:
+                    poller.poll()
                     nbytes = self.sock.recv_into(self._received)
-                except InterruptedError:
+                except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
                     reason = f"connection lost: {exc}"
@@ -423,6 +438,8 @@ class _Session:
         except ProtocolError as exc:
             log.warning("%s: closing connection: %s", self.peer, exc)
             return f"protocol error: {exc}"
+        except _Broken as exc:
+            return str(exc)
         if conn.phase is _DONE:
             return "operation done"
         return None
@@ -430,10 +447,20 @@ class _Session:
     def _send(self, parts: list[bytes]) -> None:
         if not parts or (self._closing is not None and self.sock.fileno() < 0):
             return
+        regions = any(type(part) is FileRegion for part in parts)
         tap = self.server.tap_iov
-        if tap is not None:
-            tap(self.cid, False, parts)  # the buffers of this sendmsg, not joined
+        if (
+            tap is not None
+        ):  # the buffers of this write, not joined (a region read for it: a recording's cost)
+            tap(self.cid, False, list(map(_as_bytes, parts)) if regions else parts)
         out = self._out
+        if regions:
+            if out:  # behind what waits: as bytes, which `_flush` can write
+                parts = list(map(_as_bytes, parts))
+            else:
+                parts = self._send_regions(parts)
+                if not parts:
+                    return
         if not out and len(parts) <= _IOV_MAX:  # nothing waiting: the usual case, all of it goes at once
             try:
                 sent = self.sock.sendmsg(parts, (), _DONTWAIT)
@@ -462,6 +489,42 @@ class _Session:
         self._flush()
         if self._out_bytes > _HIGH_WATER:
             self._pause_reading()
+
+    def _send_regions(self, parts: list[bytes]) -> list[bytes]:
+        """Write `parts` (nothing is queued before them), each `FileRegion` with sendfile(2) and the buffers
+        before it with one sendmsg(MSG_MORE): the image's page-cache pages go into the socket with no copy
+        through Python. Returns what the socket did not take, regions read into bytes, for `_send` to
+        queue. A socket error or an image that shrank leaves the stream cut mid-message: `_Broken`."""
+        fd = self.sock.fileno()
+        at = 0  # parts[at:] are not sent yet
+        try:
+            for i, part in enumerate(parts):
+                if type(part) is not FileRegion:
+                    continue
+                if at < i:
+                    head = parts[at:i]
+                    size = sum(map(len, head))
+                    try:
+                        sent = self.sock.sendmsg(head, (), _DONTWAIT | _MORE)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    if sent < size:
+                        return [memoryview(b"".join(head))[sent:], *map(_as_bytes, parts[i:])]
+                region: FileRegion = part  # type: ignore[assignment]
+                offset, left = region.offset, region.length
+                while left:
+                    try:
+                        sent = os.sendfile(fd, region.fd, offset, left)
+                    except (BlockingIOError, InterruptedError):
+                        return [bytes(FileRegion(region.fd, offset, left)), *map(_as_bytes, parts[i + 1 :])]
+                    if not sent:
+                        bytes(FileRegion(region.fd, offset, left))  # the image ended early: raises
+                    offset += sent
+                    left -= sent
+                at = i + 1
+        except OSError as exc:
+            raise _Broken(f"connection lost: {exc}") from exc
+        return parts[at:]
 
     def _consume(self, sent: int) -> None:
         """Drop the first `sent` bytes of `_out` (the socket took them)."""
@@ -529,7 +592,10 @@ class _Session:
             out: list[bytes] = []
             for ret in self.dispatcher.retry():
                 out += self.conn.complete_iov(ret)
-            self._send(out)
+            try:
+                self._send(out)
+            except _Broken as exc:
+                self.close(str(exc))
 
     def _handle(self, event: object, out: list[bytes]) -> None:
         if type(event) is CmdSubmit:
@@ -564,6 +630,7 @@ class _Session:
         export.importer = self.peer
         self.export = export
         export.device.reset()
+        export.device.file_regions = True  # bulk IN data may be a FileRegion: `_send` sendfiles it
         self.dispatcher = UrbDispatcher(export.device)
         export.device.set_wakeup(self._wakeup_threadsafe)
         log.info("%s: imported %s (%r)", self.peer, busid, export.device)
@@ -610,6 +677,7 @@ class _Session:
         if self.export is not None:
             log.info("%s: released %s (%s)", self.peer, self.export.busid, reason)
             self.export.device.set_wakeup(None)
+            self.export.device.file_regions = False
             if self.dispatcher is not None:
                 self.dispatcher.cancel_all()
             self.export.device.reset()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from emulator.devices.hid import Keyboard, hid_keyboard_device
 from emulator.devices.mass_storage import mass_storage_device
-from emulator.server import UrbDispatcher, UsbipServer
+from emulator.server import ServerThread, UrbDispatcher, UsbipServer
 from emulator.usb.setup import get_descriptor, set_configuration
 from emulator.usbip import (
     NEED_DATA,
@@ -25,6 +28,7 @@ from emulator.usbip import (
     OpReqImport,
     RetSubmit,
     RetUnlink,
+    pack,
 )
 from emulator.usbip.constants import ECONNRESET, ST_DEV_BUSY, ST_NODEV, ST_OK, USBIP_DIR_IN, USBIP_DIR_OUT
 
@@ -423,11 +427,6 @@ def test_client_that_stops_reading_gets_every_reply_in_order_once_it_reads(
     """16 MiB of READ(10) replies asked for at once, none read for a while: the server's sends fill the
     socket, the rest waits (the URB thread for the loop to write it), and every reply arrives, in order
     and with the image's bytes, once the client reads; the session then goes on as before."""
-    import os
-    import time
-
-    from emulator.server import ServerThread
-
     image = tmp_path / "disk.img"
     content = os.urandom(1 << 20)
     image.write_bytes(content)
@@ -453,10 +452,6 @@ def test_client_that_stops_reading_gets_every_reply_in_order_once_it_reads(
 def test_server_stop_ends_a_session_whose_client_reads_nothing_and_frees_the_device(tmp_path: Path) -> None:
     """The URB thread waits on a client that reads nothing; stopping the server still ends the session,
     frees the device and returns."""
-    import time
-
-    from emulator.server import ServerThread
-
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
     server = ServerThread([mass_storage_device(image, read_only=True)]).start()
@@ -468,3 +463,38 @@ def test_server_stop_ends_a_session_whose_client_reads_nothing_and_frees_the_dev
         server.stop()
         assert server.server.sessions == 0
         assert server.server.exports["1-1"].importer is None
+
+
+def test_reads_sent_with_sendfile_reach_the_client_and_the_tap_byte_for_byte(tmp_path: Path) -> None:
+    """A 64 KiB READ(10)'s data leaves as a FileRegion (sendfile); the client gets the image's bytes and a
+    tap sees exactly the bytes the client received."""
+    image = tmp_path / "disk.img"
+    content = os.urandom(1 << 20)
+    image.write_bytes(content)
+    seen: list[bytes] = []
+    tap_lock = threading.Lock()
+
+    def tap(cid: int, from_client: bool, data: bytes) -> None:
+        if not from_client:
+            with tap_lock:
+                seen.append(bytes(data))
+
+    device = mass_storage_device(image, read_only=True)
+    with ServerThread([device], tap=tap) as server:
+        sock, client, devid = _import_disk(server.port)
+        received = bytearray()
+        with sock:
+            before = len(b"".join(seen))
+            sock.sendall(b"".join(_read10_urbs(client, devid, 256 * i, 128, i) for i in range(4)))
+            for i in range(4):
+                rets = [_next(sock, client) for _ in range(3)]
+                assert rets[1].transfer_buffer == content[i * 131072 : i * 131072 + 65536]  # type: ignore[union-attr]
+                for ret in rets:
+                    received += pack(ret)  # type: ignore[arg-type]
+            assert device.file_regions
+            for _ in range(100):
+                if len(b"".join(seen)) - before >= len(received):
+                    break
+                time.sleep(0.01)
+            assert b"".join(seen)[before:] == bytes(received)
+    assert not device.file_regions  # released: the next user of the model gets bytes again
