@@ -260,9 +260,11 @@ class Urb:
     """One submitted URB: `await urb` (or `await device.wait(urb)`) gives its `UrbResult`.
 
     Its timeout runs from submission; when it expires the URB is unlinked and `timed_out` is set.
+    `on_done(urb)`, if given, runs the moment the URB ends, inside the code that decoded its answer: a
+    callback given to the future would wait for the next turn of the event loop (one more epoll per URB).
     """
 
-    __slots__ = ("deadline", "endpoint", "future", "iso_lengths", "length", "seqnum", "timed_out",
+    __slots__ = ("deadline", "endpoint", "future", "iso_lengths", "length", "on_done", "seqnum", "timed_out",
                  "unlink_seqnum")
 
     def __init__(self, seqnum: int, endpoint: int, length: int, future: asyncio.Future[UrbResult],
@@ -275,6 +277,7 @@ class Urb:
         self.unlink_seqnum: int | None = None
         self.timed_out = False
         self.deadline: float | None = None  # loop time when it is unlinked for taking too long
+        self.on_done: Callable[[Urb], None] | None = None
 
     @property
     def is_in(self) -> bool:
@@ -289,11 +292,22 @@ class Urb:
     def _finish(self, result: UrbResult) -> None:
         if not self.future.done():
             self.future.set_result(result)
+            if self.on_done is not None:
+                self._call_back()
 
     def _fail(self, error: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(error)
             self.future.exception()  # mark it seen: URBs of an abandoned pipeline may never be awaited
+            if self.on_done is not None:
+                self._call_back()
+
+    def _call_back(self) -> None:
+        assert self.on_done is not None
+        try:
+            self.on_done(self)
+        except Exception:  # it runs inside the connection's receive path, which must go on
+            log.exception("the completion callback of %r failed", self)
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "unlinking" if self.unlink_seqnum else "pending"
@@ -353,6 +367,8 @@ class _Link(asyncio.BufferedProtocol):
             self._tap(self.cid, False, bytes(self._receive[:nbytes]))
         self.conn.receive_data(self._receive[:nbytes])
         self._pump()
+        if self._out:  # what the completions submitted leaves now, not one more turn of the loop later
+            self.flush()
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
@@ -664,13 +680,14 @@ class RemoteDevice:
 
     def submit(self, endpoint: int, data_or_length: bytes | bytearray | memoryview | int, *,
                setup: SetupPacket | bytes | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-               transfer_flags: int = 0, iso_packets: Sequence[int] | None = None, interval: int = 0) -> Urb:
+               transfer_flags: int = 0, iso_packets: Sequence[int] | None = None, interval: int = 0,
+               on_done: Callable[[Urb], None] | None = None) -> Urb:
         """Send one CMD_SUBMIT now and return its `Urb` without waiting.
 
         `endpoint` is the address with its direction bit (0x00/0x80 for ep0 OUT/IN). IN takes a length,
         OUT the data. `setup` is required on ep0. `iso_packets` (packet lengths) makes it isochronous.
         The timeout starts now; None means no timeout (the URB then ends only with an answer, an unlink,
-        or the connection).
+        or the connection). `on_done(urb)` runs as soon as it ends (see `Urb`).
         """
         link = self._link
         if link.lost is not None:
@@ -731,6 +748,7 @@ class RemoteDevice:
                         transfer_buffer=typing.cast(bytes, payload), iso_packet_descriptors=isos)
         future: asyncio.Future[UrbResult] = self._loop.create_future()
         urb = Urb(seqnum, endpoint, length, future, lengths)
+        urb.on_done = on_done
         link.send(cmd)  # a LocalProtocolError here leaves nothing registered
         self._urbs[seqnum] = urb
         if timeout is not None:

@@ -354,11 +354,11 @@ class BridgeFunction:
             self._fail(f"the remote device went away: {exc}")
             answer.resolve(STALL)
             return answer
-        urb.future.add_done_callback(functools.partial(self._control_done, setup, urb, answer))
+        urb.on_done = functools.partial(self._control_done, setup, answer)
         return answer
 
-    def _control_done(self, setup: SetupPacket, urb: Urb, answer: PendingReply,
-                      future: asyncio.Future[UrbResult]) -> None:
+    def _control_done(self, setup: SetupPacket, answer: PendingReply, urb: Urb) -> None:
+        future = urb.future
         reply = STALL
         error = None if future.cancelled() else future.exception()
         if future.cancelled() or isinstance(error, DeviceGone):
@@ -452,9 +452,10 @@ class BridgeFunction:
             self.remote.loop.call_soon(self._urb_done, pipe)
             return
         token.urb = urb
-        urb.future.add_done_callback(functools.partial(self._urb_finished, pipe, token))
+        urb.on_done = functools.partial(self._urb_finished, pipe, token)
 
-    def _urb_finished(self, pipe: _Pipe, token: _Token, future: asyncio.Future[UrbResult]) -> None:
+    def _urb_finished(self, pipe: _Pipe, token: _Token, urb: Urb) -> None:
+        future = urb.future
         if future.cancelled():
             token.error = DeviceGone("the URB was cancelled")
         else:

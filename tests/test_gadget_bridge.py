@@ -176,6 +176,31 @@ def test_a_120_kib_bulk_only_read_is_one_urb_at_the_remote_and_one_gadget_write(
         assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (9, 0, 0)
 
 
+def test_a_data_in_that_ends_short_and_stalls_leaves_no_urb_to_swallow_the_next_command(tmp_path, remote_side):
+    image_file = tmp_path / "disk.img"
+    content = os.urandom(1 << 20)
+    image_file.write_bytes(content)
+    with ServerThread([mass_storage_device(str(image_file))]) as server:
+        handler, fake, _ = _bridged(remote_side, server.port, depth=8)
+        out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
+        bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
+        # READ CAPACITY(10) with 64 KiB allowed (case 5): the remote sends 8 bytes and STALLs
+        fake.deliver(out, _cbw(5, 64 * 1024, bytes((0x25,) + (0,) * 9)))
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 1)
+        assert len(fake.complete_write(bulk_in)) == 8
+        fake.run_until(lambda: bulk_in in fake.halts)
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 1)
+        assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (5, 64 * 1024 - 8, 0)
+        assert fake.halts.count(bulk_in) == 1
+        fake.run_until(lambda: handler.outstanding() == 0)  # nothing left at the remote
+        # the next command's data arrives whole and in place
+        fake.deliver(out, _cbw(6, 64 * 512, bytes((0x28, 0, 0, 0, 0, 8, 0, 0, 64, 0))))
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 2)
+        data = fake.complete_write(bulk_in)
+        assert data == content[8 * 512 : 72 * 512]
+        assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (6, 0, 0)
+
+
 def test_remote_with_an_isochronous_endpoint_is_refused_before_any_gadget_exists(monkeypatch):
     iso = AlternateSetting(InterfaceDescriptor(interface_class=1, interface_subclass=2), (), (
         Endpoint(EndpointDescriptor(endpoint_address=0x81, attributes=TransferType.ISOCHRONOUS,

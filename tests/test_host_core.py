@@ -433,3 +433,53 @@ def test_a_peer_that_is_not_a_usbip_server_is_a_protocol_error() -> None:
             assert isinstance(info.value.__cause__, ProtocolError)
 
     run(main())
+
+
+def test_on_done_runs_once_as_the_answer_is_decoded_and_can_submit_the_next_urb_at_once() -> None:
+    async def main() -> None:
+        async with keyboard_server() as server, await import_device("127.0.0.1", "1-1", server.port) as device:
+            await device.set_configuration(1)
+            seen: list[tuple[int, bytes]] = []
+            follow_ups = []
+            setup = get_descriptor(DescriptorType.DEVICE, 0, 18)
+
+            def done(urb: host_module.Urb) -> None:
+                assert urb.done()  # the result is there when the callback runs
+                seen.append((urb.seqnum, urb.future.result().data))
+                if len(follow_ups) < 2:  # a URB submitted from the callback leaves without waiting a turn
+                    follow_ups.append(device.submit(0x80, 18, setup=setup, on_done=done))
+
+            first = device.submit(0x80, 18, setup=setup, on_done=done)
+            await device.wait(first)
+            for urb in follow_ups:
+                await device.wait(urb)
+            await asyncio.sleep(0.01)
+            descriptor = device.device_descriptor.to_bytes()
+            assert seen == [(first.seqnum, descriptor)] + [(urb.seqnum, descriptor) for urb in follow_ups]
+
+    run(main())
+
+
+def test_on_done_sees_device_gone_and_a_failing_callback_does_not_break_the_connection() -> None:
+    async def main() -> None:
+        server = keyboard_server()
+        await server.start()
+        device = await import_device("127.0.0.1", "1-1", server.port)
+        await device.set_configuration(1)
+        errors: list[BaseException | None] = []
+
+        def broken(urb: host_module.Urb) -> None:
+            raise RuntimeError("a bug in the caller")
+
+        urb = device.submit(0x80, 18, setup=get_descriptor(DescriptorType.DEVICE, 0, 18), on_done=broken)
+        assert (await device.wait(urb)).status == 0
+        assert (await device.get_descriptor(DescriptorType.DEVICE, 0, 18)) == device.device_descriptor.to_bytes()
+        pending = device.submit(0x81, 8, timeout=None, on_done=lambda u: errors.append(u.future.exception()))
+        await asyncio.sleep(0.05)
+        await server.close()
+        await asyncio.sleep(0.05)
+        assert len(errors) == 1 and isinstance(errors[0], DeviceGone)
+        assert pending.done()
+        await device.close()
+
+    run(main())

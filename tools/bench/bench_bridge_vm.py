@@ -13,12 +13,14 @@ and measured in alternation, so whatever else loads the (shared, emulated) machi
     on each path in turn: GET_MAX_LUN (a class request that travels to the remote device on both paths:
     the number that counts, p99 ratio bridge ÷ vhci, target ≤ 2) and GET_DESCRIPTOR(DEVICE) (on the bridge
     libcomposite answers it locally, on vhci it travels: shown for completeness).
-Then the floor under the bridge's local half: the same image served by vusb's Python model through
-FunctionFS (`vusb emulate --gadget mass-storage`) on dummy_udc.2, with no USB/IP at all.
+With `--super-speed` dummy_hcd is loaded with is_super_speed=Y, so every link in the guest (both exported
+disks, vhci's port and the bridge's gadget) runs at SuperSpeed and usb-storage sends 1 MiB commands on both
+paths instead of 120 KiB ones. Then the floor under the bridge's local half: the same image served by vusb's
+Python model through FunctionFS (`vusb emulate --gadget mass-storage`) on dummy_udc.2, with no USB/IP at all.
 
 `--profile` runs the bridge under cProfile (every thread) and prints where its time went. Run from the
 repository root: `.venv/bin/python tools/bench/bench_bridge_vm.py [--size-mb 64] [--rounds 3]
-[--iterations 1000] [--profile]` (or `vusb bench bridge-vm`).
+[--iterations 1000] [--profile] [--super-speed]` (or `vusb bench bridge-vm`).
 """
 
 from __future__ import annotations
@@ -152,16 +154,21 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return output
 
 
-def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool) -> dict[str, object]:
+def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool, super_speed: bool) -> dict[str, object]:
     from tools.vm import guest
 
     size = size_mb << 20
     guest.modprobe("usb-storage", "sd_mod", "vhci-hcd")
+    if super_speed:  # every dummy_hcd link at SuperSpeed: both disks, and so both paths, alike
+        if guest.module_loaded("dummy_hcd"):
+            guest.run(["modprobe", "-r", "dummy_hcd"])
+        guest.modprobe("dummy_hcd", num=3, is_super_speed="Y")
     udc_vhci, udc_bridged, udc_local = guest.dummy_udcs(3)[:3]
     hcd_vhci, hcd_bridged, hcd_local = (guest.hcd_of_udc(u) for u in (udc_vhci, udc_bridged, udc_local))
     image = guest.make_backing_file(Path("/tmp/bench-bridge.img"), size)
     expected = guest.sha256_of(image)
-    results: dict[str, object] = {"size_mb": size_mb, "rounds": rounds, "iterations": iterations}
+    results: dict[str, object] = {"size_mb": size_mb, "rounds": rounds, "iterations": iterations,
+                                  "speed": "super" if super_speed else "high"}
 
     def progress(key: str) -> None:  # on stderr as it comes, so a failure later still shows it
         print(f"[bench] {key}: {results[key]}", file=sys.stderr, flush=True)
@@ -185,6 +192,9 @@ def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool) -> dic
                              "bridge": str(guest.wait_for_disk(hcd_local, timeout=120).dev)}
                     name = Path(disks["bridge"]).name
                     results["max_sectors_kb"] = int(Path(f"/sys/block/{name}/queue/max_sectors_kb").read_text())
+                    vhci_name = Path(disks["vhci"]).name
+                    results["vhci_max_sectors_kb"] = int(
+                        Path(f"/sys/block/{vhci_name}/queue/max_sectors_kb").read_text())
                     before = cpu_seconds(bridge.pid)
                     results["read_mb_s"] = [read_interleaved(disks, size, expected) for _ in range(rounds)]
                     progress("read_mb_s")
@@ -272,7 +282,8 @@ def report(results: dict[str, object]) -> tuple[float, float]:
     rounds: list[dict[str, float]] = results["read_mb_s"]  # type: ignore[assignment]
     read_ratio = statistics.median(r["bridge"] / r["vhci"] for r in rounds)
     print(f"sequential read, {results['size_mb']} MiB x {results['rounds']} rounds in 8 MiB turns, O_DIRECT 1 MiB, "
-          f"TCG guest (usb-storage max_sectors_kb {results.get('max_sectors_kb')})")
+          f"TCG guest, {results.get('speed', 'high')} speed (usb-storage max_sectors_kb bridge "
+          f"{results.get('max_sectors_kb')}, vhci {results.get('vhci_max_sectors_kb')})")
     for path, label in (("vhci", "kernel usbip-host → vhci-hcd:          "),
                         ("bridge", "kernel usbip-host → vusb bridge gadget:")):
         speeds = [r[path] for r in rounds]
@@ -305,6 +316,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--profile", action="store_true", help="profile the bridge process (cProfile, all threads)")
+    parser.add_argument("--super-speed", action="store_true",
+                        help="load dummy_hcd with is_super_speed=Y: both paths at SuperSpeed (1 MiB commands)")
     parser.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile-to", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--control-of", help=argparse.SUPPRESS)
@@ -316,14 +329,17 @@ def main() -> int:
     if args.profile_to is not None:
         return profile_attach(args.profile_to, args.vusb_args)
     if args.guest:
-        print("VUSB-BENCH " + json.dumps(guest_main(args.size_mb, args.rounds, args.iterations, args.profile)))
+        print("VUSB-BENCH " + json.dumps(guest_main(args.size_mb, args.rounds, args.iterations, args.profile,
+                                                    args.super_speed)))
         return 0
     from tools.vm import run_in_vm
 
     res = run_in_vm(
         [sys.executable, str(Path(__file__).resolve()), "--guest", "--size-mb", str(args.size_mb),
-         "--rounds", str(args.rounds), "--iterations", str(args.iterations), *(["--profile"] if args.profile else [])],
-        cwd=ROOT, timeout=1800, env={"PYTHONPATH": str(ROOT)},
+         "--rounds", str(args.rounds), "--iterations", str(args.iterations), *(["--profile"] if args.profile else []),
+         *(["--super-speed"] if args.super_speed else [])],
+        cwd=ROOT, timeout=1800,
+        env={"PYTHONPATH": str(ROOT)},
     )
     line = next((x for x in res.stdout.splitlines() if x.startswith("VUSB-BENCH ")), None)
     if res.returncode != 0 or line is None:
