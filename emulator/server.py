@@ -76,8 +76,8 @@ _SHORT_NOT_OK = int(URB_SHORT_NOT_OK)  # a plain int: `&` with an IntFlag member
 _DIR_IN = int(USBIP_DIR_IN)
 _OVERFLOW = int(TransferStatus.OVERFLOW)
 _SHORT = int(TransferStatus.SHORT)
-_DONTWAIT = socket.MSG_DONTWAIT  # sends never block (the socket is non-blocking anyway; say it twice)
-_MORE = socket.MSG_MORE  # a header whose payload follows by sendfile: one segment, not two
+_DONTWAIT = int(socket.MSG_DONTWAIT)  # sends never block (the socket is non-blocking anyway; say it twice)
+_DONTWAIT_MORE = _DONTWAIT | int(socket.MSG_MORE)  # a header whose payload follows by sendfile: one segment
 _DONE = Phase.DONE  # a module name: `Phase.DONE` goes through EnumType.__getattr__ (Python 3.11) per read
 
 
@@ -414,7 +414,7 @@ class _Session:
                             status, actual, payload = done
                             out += conn.complete_plain(urb[0], status, actual, payload)
                             if actual >= _SEND_AT_ONCE:  # see below
-                                self._send(out)
+                                self._send(out, type(payload) is FileRegion)
                                 out = []
                         continue
                 event = conn.next_event()
@@ -444,10 +444,12 @@ class _Session:
             return "operation done"
         return None
 
-    def _send(self, parts: list[bytes]) -> None:
+    def _send(self, parts: list[bytes], regions: bool | None = None) -> None:
+        """Write `parts`; `regions` says whether a FileRegion is among them (None: look)."""
         if not parts or (self._closing is not None and self.sock.fileno() < 0):
             return
-        regions = any(type(part) is FileRegion for part in parts)
+        if regions is None:
+            regions = any(type(part) is FileRegion for part in parts)
         tap = self.server.tap_iov
         if (
             tap is not None
@@ -505,7 +507,7 @@ class _Session:
                     head = parts[at:i]
                     size = sum(map(len, head))
                     try:
-                        sent = self.sock.sendmsg(head, (), _DONTWAIT | _MORE)
+                        sent = self.sock.sendmsg(head, (), _DONTWAIT_MORE)
                     except (BlockingIOError, InterruptedError):
                         sent = 0
                     if sent < size:

@@ -107,7 +107,6 @@ class TransferStatus(enum.IntEnum):
     PROTOCOL = -71  # -EPROTO: bit-stuff / protocol error
 
 
-@dataclass(frozen=True, slots=True)
 class FileRegion:
     """IN data that is `length` bytes of an open file at `offset`, not read yet. An edge that can move file
     bytes to its peer without copying them through Python (sendfile(2) to a TCP socket: the page cache pages
@@ -115,12 +114,28 @@ class FileRegion:
     hand one out only when the edge asked for it (`Device.file_regions`), so code that wants bytes never
     meets one. The file must not shrink before the region is sent: `bytes()` raises OSError if it did."""
 
-    fd: int
-    offset: int
-    length: int
+    __slots__ = ("fd", "length", "offset")
+
+    # A plain class, not a frozen dataclass: one is made per READ, and a frozen one sets each field
+    # through object.__setattr__.
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
 
     def __len__(self) -> int:
         return self.length
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not FileRegion:
+            return NotImplemented
+        return (self.fd, self.offset, self.length) == (other.fd, other.offset, other.length)
+
+    def __hash__(self) -> int:
+        return hash((self.fd, self.offset, self.length))
+
+    def __repr__(self) -> str:
+        return f"FileRegion(fd={self.fd}, offset={self.offset}, length={self.length})"
 
     def __bytes__(self) -> bytes:
         parts: list[bytes] = []

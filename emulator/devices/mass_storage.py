@@ -499,7 +499,7 @@ class MassStorageFunction(Function):
             if endpoint == "out":
                 reply = bot.bulk_out(data if data is not None else b"")
             else:
-                bot.file_regions = self.device.file_regions  # the edge's choice, which may change
+                bot.file_regions = self._device.file_regions  # type: ignore[union-attr]  # the edge's choice
                 reply = bot.bulk_in(length)
             if bot._in_halted or bot._out_halted:  # not the properties: once per transfer
                 self._sync_halts()
