@@ -220,7 +220,7 @@ class UrbDispatcher:
                     actual = reply.length
                     return status, actual if actual < length else length, b""
                 data = reply.data
-                actual = len(data)
+                actual = data.length if type(data) is FileRegion else len(data)  # type: ignore[union-attr]
                 if actual > length:
                     data = _as_bytes(data)[:length]
                     actual = length
@@ -413,8 +413,9 @@ class _Session:
                         if done is not None:
                             status, actual, payload = done
                             out += conn.complete_plain(urb[0], status, actual, payload)
-                            if actual >= _SEND_AT_ONCE:  # see below
-                                self._send(out, type(payload) is FileRegion)
+                            region = type(payload) is FileRegion
+                            if region or actual >= _SEND_AT_ONCE:  # see below
+                                self._send(out, region)
                                 out = []
                         continue
                 event = conn.next_event()
@@ -424,17 +425,20 @@ class _Session:
                     ret = self.dispatcher.submit(event)
                     if ret is not None:
                         out += conn.complete_iov(ret)
-                        if len(ret.transfer_buffer) >= _SEND_AT_ONCE:
+                        if (
+                            type(ret.transfer_buffer) is FileRegion
+                            or len(ret.transfer_buffer) >= _SEND_AT_ONCE
+                        ):
                             # A bulk payload leaves now: the client takes it in while the URBs behind it
                             # (a CSW read) are answered, as a server answering URB by URB would let it.
                             self._send(out)
                             out = []
                     continue
                 if isinstance(event, ConnectionClosed):
-                    self._send(out)
+                    self._send(out, False)
                     return "closed by peer"
                 self._handle(event, out)
-            self._send(out)
+            self._send(out, False)  # a region is never left in `out`: it went at once, above
         except ProtocolError as exc:
             log.warning("%s: closing connection: %s", self.peer, exc)
             return f"protocol error: {exc}"

@@ -707,8 +707,12 @@ class Device:
             self.halted.add(endpoint)
             return reply
         if data is None:
-            if len(reply.data) > length:
-                return Reply(TransferStatus.OVERFLOW, reply.data[:length])
+            got = reply.data
+            if type(got) is FileRegion:  # its length without FileRegion.__len__ (a Python call per READ)
+                if got.length > length:
+                    return Reply(TransferStatus.OVERFLOW, bytes(got)[:length])
+            elif len(got) > length:
+                return Reply(TransferStatus.OVERFLOW, got[:length])
         elif reply.actual_length is None and status is _OK:
             return replace(reply, actual_length=len(data))
         return reply

@@ -35,6 +35,7 @@ from emulator.devices.base import (
     Device,
     DeviceError,
     EndpointSpec,
+    FileRegion,
     Function,
     InterfaceSpec,
     Reply,
@@ -423,8 +424,15 @@ class BulkOnlyTransport:
         cmd = self._cmd
         assert cmd is not None
         n = min(length, self._device_left)
-        data = (cmd.read_region(n) if self.file_regions else cmd.read(n)) if n else b""
-        got = len(data)
+        if not n:
+            data: bytes | FileRegion = b""
+            got = 0
+        elif self.file_regions:
+            data = cmd.read_region(n)
+            got = data.length if type(data) is FileRegion else len(data)  # not FileRegion.__len__, in Python
+        else:
+            data = cmd.read(n)
+            got = len(data)
         self._moved += got
         self._device_left = self._device_left - got if got == n else 0  # short: the device ran out (error)
         if self._device_left == 0:
