@@ -4,7 +4,9 @@ Two layers. `UrbDispatcher` is pure: it runs CMD_SUBMITs against one `Device` an
 keeping NAK'd transfers queued per endpoint (an interrupt IN waiting for a key press) until the device's
 wake-up says they may complete; it cancels queued ones on unlink. `UsbipServer` is the asyncio edge: one
 `ServerConnection` (emulator.usbip) per TCP connection, one importer per device at a time (a second one gets
-ST_DEV_BUSY, an unknown busid ST_NODEV, as usbipd answers), many connections at once, many URBs in flight.
+ST_DEV_BUSY, an unknown busid ST_NODEV, as usbipd answers), many connections at once, many URBs in flight. Its
+hot path takes bulk URBs as tuples (`ServerConnection.next_plain_submit`), answers an imported device's
+URBs on a thread per session, and sends disk reads with sendfile (see `_Session`).
 
 What the kernel's stub does besides forwarding, vusb does in the dispatcher: a port reset sent as a
 SET_FEATURE(PORT_RESET) to recipient "other" (stub_rx.c `is_reset_device_cmd`) resets the device model;
@@ -286,15 +288,16 @@ class UrbDispatcher:
 class _Session:
     """One TCP connection: its socket, the sans-I/O connection, and after an import, the dispatcher.
 
-    Until the import the socket is non-blocking on the event loop. Once a device is imported (and the
-    server's `threads` is on), the URB phase runs on a thread of its own that blocks in `recv_into`: a
-    wake-up per batch of URBs rather than an epoll round and a turn of the event loop. The loop keeps what
-    is not per-URB: device wake-ups (`on_wakeup`), writing what the socket did not take at once, and
-    closing. One lock guards the connection, dispatcher and output queue between the two threads.
+    Until the import the session is served by the event loop. Once a device is imported (and the server's
+    `threads` is on), the URB phase runs on a thread of its own that waits in poll(2) and reads: a wake-up
+    per batch of URBs rather than an epoll round and a turn of the event loop. The loop keeps what is not
+    per-URB: device wake-ups (`on_wakeup`), writing what the socket did not take at once, and closing. One
+    lock guards the connection, dispatcher and output queue between the two threads.
 
-    Replies go out with `sendmsg` (header and payload as separate buffers, so a 64 KiB READ is never copied
-    in Python), never blocking (MSG_DONTWAIT): what the socket does not take at once waits in `_out`, and
-    the loop writes it when the socket is writable; meanwhile reading pauses (the URB thread waits)."""
+    Replies go out with `sendmsg` (header and payload as separate buffers: no copy in Python), READ data
+    that is a `FileRegion` of the image with sendfile(2) (no copy through Python at all), never blocking:
+    what the socket does not take at once waits in `_out` (regions read into bytes) and the loop writes it
+    when the socket is writable; meanwhile reading pauses (the URB thread waits)."""
 
     def __init__(self, server: UsbipServer, cid: int, sock: socket.socket, peer: str) -> None:
         self.server = server
