@@ -112,7 +112,9 @@ class FileRegion:
     bytes to its peer without copying them through Python (sendfile(2) to a TCP socket: the page cache pages
     go into the socket as they are) sends it as it is; anything else reads it with `bytes(region)`. Models
     hand one out only when the edge asked for it (`Device.file_regions`), so code that wants bytes never
-    meets one. The file must not shrink before the region is sent: `bytes()` raises OSError if it did."""
+    meets one. Stores give regions only of bytes nothing here will rewrite (a read-only image, an overlay's
+    untouched base): sendfile queues the page cache pages themselves, not a copy. The file must not shrink
+    before the region is sent: `bytes()` raises OSError if it did."""
 
     __slots__ = ("fd", "length", "offset")
 

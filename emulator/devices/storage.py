@@ -188,8 +188,10 @@ class ImageStore(Store):
             raise StorageError(f"{self.path}: read error at offset {offset}: {exc.strerror or exc}") from exc
 
     def region(self, offset: int, length: int) -> bytes | FileRegion:
+        # Read-only only: sendfile queues the page cache pages themselves, so on a writable image the next
+        # command could rewrite them before a pipelining peer has read the earlier READ's data.
         fd = self._fd
-        if fd is None or length < MIN_REGION:
+        if fd is None or length < MIN_REGION or not self.read_only:
             return self.pread(offset, length)
         if offset < 0 or offset + length > self.size:
             self._check_range(offset, length)  # raises
@@ -323,6 +325,16 @@ class OverlayStore(Store):
         if len(data) != length:
             raise StorageError(f"{self.name}: overlay file is truncated")
         return data
+
+    def region(self, offset: int, length: int) -> bytes | FileRegion:
+        """Blocks never written come from the base, which is read-only: a region of it when all are."""
+        bs = self.block_size
+        if length >= MIN_REGION and self._fd is not None and not offset % bs and not length % bs:
+            self._check_range(offset, length)
+            runs = self._runs(offset // bs, (offset + length) // bs)
+            if len(runs) == 1 and not runs[0][0]:
+                return self.base.region(offset, length)
+        return self.pread(offset, length)
 
     def pread(self, offset: int, length: int) -> bytes:
         self._live_fd()
