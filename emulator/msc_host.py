@@ -17,6 +17,14 @@ hazard is a data phase that ends early (short packet): the next URB may then rec
 which is recognised (13 bytes, "USBS", our tag) and used, and URBs left over are unlinked. Babble or a
 stall are handled as BOT §6.7 says (clear the halt, read the CSW again).
 
+Several commands in flight (`commands_in_flight=N`, opt-in, default 1): sequential reads (`read_blocks`,
+`readinto_blocks`) queue the URBs of the next N-1 READ commands before the earlier ones are answered. This is
+only safe with a server that runs a device's URBs in order and holds a CBW until the previous CSW was read,
+as vusb's server and device models do; a real device behind the kernel's usbip-host may see the next CBW on
+bulk OUT during the previous data phase. A command that does not end cleanly stops the stream: the URBs
+queued after it are unlinked, it is checked and recovered as above, and its CHECK CONDITION is raised with
+its own sense (if a later command reached the device first, after Reset Recovery and the READ run alone).
+
 `SyncMassStorage` is the blocking facade and `BlockDevice` an `io.RawIOBase` over it (seek, read,
 readinto, write with read-modify-write of partial blocks, flush = SYNCHRONIZE CACHE).
 """
@@ -24,6 +32,7 @@ readinto, write with read-modify-write of partial blocks, flush = SYNCHRONIZE CA
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import io
@@ -259,6 +268,21 @@ class Capacity:
         return self.block_count * self.block_size
 
 
+@dataclasses.dataclass(slots=True)
+class _Started:
+    """A command whose URBs are submitted: what `_complete` needs to wait for and check it."""
+
+    cdb: bytes
+    tag: int
+    data_in: int
+    data_out: bytes | memoryview
+    timeout: float
+    cbw_urb: Urb
+    data_urbs: list[Urb]
+    csw_urb: Urb | None
+    urbs: list[Urb]  # every URB of the command, those submitted later (CSW re-read) included
+
+
 def _cdb_rw(opcode10: int, opcode16: int, lba: int, count: int) -> bytes:
     if lba + count - 1 <= 0xFFFFFFFF and count <= 0xFFFF:
         return struct.pack(">BBIBHB", opcode10, 0, lba, 0, count, 0)
@@ -285,12 +309,15 @@ class MassStorage:
 
     def __init__(self, device: RemoteDevice, *, lun: int = 0, interface: int | None = None,
                  max_transfer: int = DEFAULT_MAX_TRANSFER, urbs_per_command: int = 1, pipeline: bool = True,
-                 timeout: float = COMMAND_TIMEOUT) -> None:
+                 timeout: float = COMMAND_TIMEOUT, commands_in_flight: int = 1) -> None:
         if max_transfer < 512:
             raise MscError(f"max_transfer {max_transfer} is smaller than a block")
         if urbs_per_command < 1:
             raise MscError(f"urbs_per_command must be at least 1, got {urbs_per_command}")
+        if commands_in_flight < 1:
+            raise MscError(f"commands_in_flight must be at least 1, got {commands_in_flight}")
         self.device = device
+        self.commands_in_flight = commands_in_flight
         self.lun = lun
         self.max_transfer = max_transfer
         self.urbs_per_command = urbs_per_command
@@ -453,20 +480,35 @@ class MassStorage:
 
     async def _transport_once(self, cdb: bytes, data_in: int, data_out: bytes | memoryview, lun: int,
                               timeout: float) -> CommandResult:
-        device = self.device
-        ep_in, ep_out = self.ep_in, self.ep_out
+        return await self._complete(self._start(cdb, data_in, data_out, lun, timeout))
+
+    def _start(self, cdb: bytes, data_in: int, data_out: bytes | memoryview, lun: int,
+               timeout: float) -> _Started:
+        """Submit a command's CBW (and, pipelined, its data and CSW URBs) in one write."""
+        self._command_urbs = []
         tag = self._next_tag()
         length = data_in or len(data_out)
         flags = US_BULK_FLAG_IN if data_in else 0
         cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, flags, lun, len(cdb), cdb)
-        quantum = self.max_packet_in
         data_urbs: list[Urb] = []
         csw_urb: Urb | None = None
-        with device.batched():  # the command's URBs in one write
-            cbw_urb = self._submit(ep_out, cbw, timeout)
+        with self.device.batched():  # the command's URBs in one write
+            cbw_urb = self._submit(self.ep_out, cbw, timeout)
             if self.pipeline:
-                data_urbs = self._submit_data(data_in, data_out, quantum, timeout)
-                csw_urb = self._submit(ep_in, US_BULK_CS_WRAP_LEN, timeout)
+                data_urbs = self._submit_data(data_in, data_out, self.max_packet_in, timeout)
+                csw_urb = self._submit(self.ep_in, US_BULK_CS_WRAP_LEN, timeout)
+        return _Started(cdb, tag, data_in, data_out, timeout, cbw_urb, data_urbs, csw_urb, self._command_urbs)
+
+    async def _complete(self, started: _Started) -> CommandResult:
+        """Wait for a started command's phases and check them (BOT §5.3, §6.7), recovering as they say."""
+        device = self.device
+        ep_in, ep_out = self.ep_in, self.ep_out
+        cdb, tag, data_in, data_out, timeout = (started.cdb, started.tag, started.data_in, started.data_out,
+                                                started.timeout)
+        length = data_in or len(data_out)
+        quantum = self.max_packet_in
+        cbw_urb, data_urbs, csw_urb = started.cbw_urb, started.data_urbs, started.csw_urb
+        self._command_urbs = started.urbs
         if len(data_out) >= _DRAIN_ABOVE:
             await device.drain()
         pending = [cbw_urb, *data_urbs, *([csw_urb] if csw_urb else [])]
@@ -657,6 +699,10 @@ class MassStorage:
     async def read_blocks(self, lba: int, count: int) -> bytes:
         """Read `count` blocks from `lba`, in commands of at most `max_transfer` bytes."""
         capacity = self._check_range(lba, count)
+        if self.commands_in_flight > 1 and self.pipeline and count:
+            buffer = bytearray(count * capacity.block_size)
+            await self.readinto_blocks(lba, buffer)
+            return bytes(buffer)
         block_size = capacity.block_size
         per = max(1, self.max_transfer // block_size)
         out = []
@@ -671,6 +717,142 @@ class MassStorage:
             out.append(result.data)
             done += n
         return b"".join(out)
+
+    async def readinto_blocks(self, lba: int, buffer: bytearray | memoryview) -> None:
+        """Fill `buffer` (whole blocks) from block `lba` on: a sequential read with `commands_in_flight`
+        READ commands of `max_transfer` bytes queued ahead when that is above 1 and `pipeline` is on."""
+        view = memoryview(buffer).cast("B")
+        capacity = self.capacity
+        if capacity is None:
+            raise MscError("the capacity is unknown: call open() (or read_capacity()) first")
+        block_size = capacity.block_size
+        if len(view) % block_size:
+            raise MscError(f"{len(view)} bytes is not a whole number of {block_size}-byte blocks")
+        count = len(view) // block_size
+        self._check_range(lba, count)
+        if self.commands_in_flight == 1 or not self.pipeline:
+            per = max(1, self.max_transfer // block_size)
+            for first in range(0, count, per):
+                n = min(per, count - first)
+                view[first * block_size:(first + n) * block_size] = await self.read_blocks(lba + first, n)
+            return
+        async with self._lock:
+            await self._read_pipelined(lba, view, block_size)
+
+    # -- several commands in flight ------------------------------------------------------------------------
+
+    async def _read_pipelined(self, lba: int, out: memoryview, block_size: int) -> None:
+        """READ commands with the next ones' URBs queued before the earlier ones are answered.
+
+        Only safe with a server that runs a device's URBs in order and holds a CBW until the previous CSW
+        was read, as vusb's does: a real device behind usbip-host could see a CBW during the data phase.
+        A command that does not end cleanly (short, stalled, failed, timed out) stops the stream: what was
+        queued after it is unlinked, that command then goes through the ordinary checks and recovery
+        (`_complete`), and a CHECK CONDITION raises with the sense of that command.
+        """
+        if self._needs_recovery:
+            self._needs_recovery = False
+            await self.reset_recovery()
+        device = self.device
+        count = len(out) // block_size
+        per = max(1, self.max_transfer // block_size)
+        depth = self.commands_in_flight
+        queue: collections.deque[tuple[_Started, int, int]] = collections.deque()  # command, first block, n
+        started_blocks = 0
+
+        def start_next() -> None:
+            nonlocal started_blocks
+            n = min(per, count - started_blocks)
+            cdb = _cdb_rw(READ_10, READ_16, lba + started_blocks, n)
+            queue.append((self._start(cdb, n * block_size, b"", self.lun, self.timeout), started_blocks, n))
+            started_blocks += n
+
+        try:
+            with device.batched():
+                while started_blocks < count and len(queue) < depth:
+                    start_next()
+            while queue:
+                started, first, n = queue[0]
+                target = out[first * block_size:(first + n) * block_size]
+                if not await self._read_clean(started, target):
+                    later = [command for command, _, _ in list(queue)[1:]]
+                    while len(queue) > 1:
+                        queue.pop()
+                    seen = await self._withdraw(later)
+                    started_blocks = first + n
+                    await self._finish_read(started, target, seen)
+                queue.popleft()
+                if started_blocks < count:
+                    with device.batched():
+                        start_next()
+        except asyncio.CancelledError:
+            for command, _, _ in queue:
+                for urb in command.urbs:
+                    device.cancel(urb)
+            self._needs_recovery = True
+            raise
+        except BaseException:
+            for command, _, _ in queue:  # e.g. the device went away: nothing of them is awaited any more
+                for urb in command.urbs:
+                    device.cancel(urb)
+            raise
+
+    async def _read_clean(self, started: _Started, target: memoryview) -> bool:
+        """Wait for a READ's URBs; True (data in `target`) if every phase went as planned and the CSW
+        says GOOD with no residue, False at the first thing that did not (nothing recovered yet)."""
+        wait = self.device.wait
+        result = await wait(started.cbw_urb)
+        if result.status or result.actual_length != US_BULK_CB_WRAP_LEN:
+            return False
+        position = 0
+        for urb in started.data_urbs:
+            result = await wait(urb)
+            if result.status or result.actual_length != urb.length:
+                return False
+            target[position:position + urb.length] = result.data
+            position += urb.length
+        assert started.csw_urb is not None
+        result = await wait(started.csw_urb)
+        if result.status or result.actual_length != US_BULK_CS_WRAP_LEN:
+            return False
+        signature, tag, residue, status = _CSW.unpack(result.data)
+        return signature == US_BULK_CS_SIGN and tag == started.tag and not residue and status == US_BULK_STAT_OK
+
+    async def _withdraw(self, commands: Sequence[_Started]) -> bool:
+        """Unlink the URBs of commands queued behind one that went wrong; True if the device saw any of
+        them (a URB completed rather than being unlinked or refused), so its sense data and BOT state may
+        belong to a later command."""
+        device = self.device
+        urbs = [urb for command in commands for urb in command.urbs]
+        for urb in urbs:
+            if not urb.done():
+                device.cancel(urb)
+        seen = False
+        for urb in urbs:
+            try:
+                result = await device.unlink(urb)
+            except HostError:
+                continue
+            if not result.unlinked and result.status == 0:
+                seen = True
+        return seen
+
+    async def _finish_read(self, started: _Started, target: memoryview, seen: bool) -> None:
+        """The slow path of a pipelined READ that did not end cleanly: BOT's checks and recovery, then
+        the data or an exact error. If commands queued after it reached the device, the device is reset
+        to a known state and the READ is run once more alone, so the sense reported is its own."""
+        n = len(target)
+        cdb = started.cdb
+        result = await self._complete(started)  # raises BotTransportError after reset recovery
+        if seen:
+            await self.reset_recovery()
+            result = await self._transport(cdb, n, b"", self.lun, self.timeout)
+        if result.status == US_BULK_STAT_FAIL:
+            raise ScsiCheckCondition(cdb[0], await self._request_sense())
+        if result.residue or len(result.data) != n:
+            raise MscError(f"READ of {n} bytes (CDB {cdb.hex()}) returned {len(result.data)} bytes "
+                           f"(residue {result.residue})")
+        target[:] = result.data
 
     async def write_blocks(self, lba: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole blocks starting at `lba`, in commands of at most `max_transfer` bytes."""

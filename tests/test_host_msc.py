@@ -22,6 +22,7 @@ from emulator.devices.storage import Store, create_sparse_image
 from emulator.host import DeviceGone, HostError, import_device
 from emulator.msc_host import (
     BotTransportError,
+    Capacity,
     MassStorage,
     MscError,
     NotMassStorage,
@@ -310,3 +311,82 @@ def test_parse_sense_reads_fixed_and_descriptor_formats() -> None:
     assert (sense.key, sense.asc, sense.ascq, sense.information) == (5, 0x24, 0, 7)
     with pytest.raises(MscError, match="response code"):
         parse_sense(bytes([0x05, 0, 0]))
+
+
+# -- several READ commands in flight (commands_in_flight > 1, for servers that serialize a device's URBs) ----
+
+
+@pytest.mark.parametrize("urbs", [1, 4])
+def test_reads_with_several_commands_in_flight_return_the_image_bytes(image: Path, urbs: int) -> None:
+    original = os.urandom(16 * MIB)
+    image.write_bytes(original)
+
+    async def main() -> None:
+        async with UsbipServer([mass_storage_device(str(image))], port=0) as server, \
+                await import_device("127.0.0.1", "1-1", server.port) as device:
+            msc = await MassStorage(device, commands_in_flight=8, urbs_per_command=urbs).open()
+            assert await msc.read_blocks(0, 16 * MIB // 512) == original
+            assert await msc.read_blocks(3, 1000) == original[3 * 512:1003 * 512]  # last command short
+            buffer = bytearray(300 * 512)
+            await msc.readinto_blocks(77, memoryview(buffer))
+            assert buffer == original[77 * 512:377 * 512]
+            assert device.pending == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("can_stall", [True, False])
+def test_a_failing_read_in_the_middle_of_a_pipelined_stream_raises_its_own_sense(image: Path,
+                                                                                 can_stall: bool) -> None:
+    """The host believes the disk is larger than it is: the command that crosses the real end fails with
+    LOGICAL BLOCK ADDRESS OUT OF RANGE while seven more are queued behind it. Those are withdrawn, the
+    failure is raised with its sense, and the transport stays in step for what follows."""
+    original = os.urandom(16 * MIB)
+    image.write_bytes(original)
+    blocks = 16 * MIB // 512
+
+    async def main() -> None:
+        async with UsbipServer([mass_storage_device(str(image), can_stall=can_stall)], port=0) as server, \
+                await import_device("127.0.0.1", "1-1", server.port) as device:
+            msc = await MassStorage(device, commands_in_flight=8).open()
+            msc.capacity = Capacity(blocks + 4096, 512)
+            with pytest.raises(ScsiCheckCondition) as info:
+                await msc.read_blocks(blocks - 5 * 128, 20 * 128)
+            assert (info.value.sense.key, info.value.sense.asc) == (0x5, 0x21)
+            assert device.pending == 0
+            assert await msc.read_blocks(blocks - 5 * 128, 5 * 128) == original[-5 * 128 * 512:]
+            assert await msc.read_blocks(0, 64) == original[:64 * 512]
+            assert device.pending == 0
+
+    run(main())
+
+
+def test_server_killed_mid_pipelined_read_fails_with_device_gone_without_hanging(tmp_path: Path) -> None:
+    image = create_sparse_image(tmp_path / "big.img", 64 * MIB)
+    with server_process(image) as (process, port):
+        async def main() -> None:
+            async with await import_device("127.0.0.1", "1-1", port) as device:
+                msc = await MassStorage(device, commands_in_flight=8).open()
+                reading = asyncio.ensure_future(msc.read_blocks(0, 64 * MIB // 512))
+                await asyncio.sleep(0.05)
+                assert not reading.done(), "the read finished before the server could be killed"
+                process.send_signal(signal.SIGKILL)
+                start = time.monotonic()
+                with pytest.raises(DeviceGone):
+                    await reading
+                assert time.monotonic() - start < 5
+                assert device.pending == 0
+                with pytest.raises(HostError):
+                    await msc.read_blocks(0, 1)
+
+        run(main())
+
+
+def test_commands_in_flight_below_one_is_refused(image: Path) -> None:
+    async def main() -> None:
+        async with UsbipServer([mass_storage_device(str(image))], port=0) as server, \
+                await import_device("127.0.0.1", "1-1", server.port) as device:
+            with pytest.raises(MscError, match="commands_in_flight"):
+                MassStorage(device, commands_in_flight=0)
+
+    run(main())
