@@ -3,7 +3,8 @@
 vusb's server runs in a child process (`vusb serve --disk IMAGE --read-only`, plus `--record FILE` for the
 recorded runs) exporting an image of random data; this process reads all of it with a raw-socket client that
 keeps several READ(10) commands in flight (CBW + data + CSW URBs of `--depth` commands queued ahead, each
-command's data in one 64 KiB URB), so the server, not the client, sets the pace. Runs alternate off/on, the
+command's data in one 64 KiB URB; tools/bench/rawclient.py), so the server, not the client, sets the
+pace; the bytes land in one buffer and are hashed after the clock stops. Runs alternate off/on, the
 fastest of `--repeat` counts for each; every run checks the bytes (sha256) and every recording is checked to
 hold the whole transfer (`captures.transactions.analyze`: every READ(10) paired, its data bytes counted).
 
@@ -19,8 +20,6 @@ import contextlib
 import hashlib
 import os
 import re
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,82 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from captures.transactions import analyze  # noqa: E402
+from tools.bench.rawclient import RawClient  # noqa: E402
 
 MIB = 1 << 20
 CHUNK = 64 * 1024
-BLOCKS = CHUNK // 512
-
-_CMD = struct.Struct(">IIIIIIiiii8s")  # usbip_header_basic + cmd_submit
-_RET = struct.Struct(">IIIIIiiiii8x")  # usbip_header_basic + ret_submit
-_CBW = struct.Struct("<IIIBBB16s")
-
-
-class PipelinedClient:
-    """Imports 1-1 and reads the disk with `depth` READ(10) commands in flight; struct only, no core."""
-
-    def __init__(self, port: int, depth: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MIB)
-        self.depth = depth
-        self.sock.sendall(struct.pack(">HHI32s", 0x0111, 0x8003, 0, b"1-1"))
-        reply = self._recv(8 + 312)
-        if struct.unpack_from(">I", reply, 4)[0]:
-            raise SystemExit("import of 1-1 refused")
-        busnum, devnum = struct.unpack_from(">II", reply, 8 + 288)
-        self.devid = busnum << 16 | devnum
-        self.seqnum = 0
-        self.buffer = memoryview(bytearray(CHUNK))
-        self.sock.sendall(self._cmd(0, 0, 0, bytes.fromhex("0009010000000000")))  # SET_CONFIGURATION(1)
-        self._ret(False)
-
-    def _recv(self, n: int, into: memoryview | None = None) -> memoryview:
-        view = into if into is not None else memoryview(bytearray(n))
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:n])
-            if not k:
-                raise SystemExit("the server closed the connection")
-            got += k
-        return view[:n]
-
-    def _cmd(self, direction: int, ep: int, length: int, setup: bytes = bytes(8), data: bytes = b"") -> bytes:
-        self.seqnum += 1
-        flags = 0x200 if direction else 0
-        return _CMD.pack(1, self.seqnum, self.devid, direction, ep, flags, length, 0, 0, 0, setup) + data
-
-    def _ret(self, is_in: bool, into: memoryview | None = None) -> memoryview:
-        _, _, _, _, _, status, actual, _, _, _ = _RET.unpack(self._recv(48))
-        if status:
-            raise SystemExit(f"URB failed with status {status}")
-        return self._recv(actual, into) if is_in and actual else memoryview(b"")
-
-    def _command(self, tag: int, lba: int) -> bytes:
-        cdb = struct.pack(">BBIBHB", 0x28, 0, lba, 0, BLOCKS, 0)
-        cbw = _CBW.pack(0x43425355, tag, CHUNK, 0x80, 0, len(cdb), cdb)
-        return self._cmd(0, 1, 31, data=cbw) + self._cmd(1, 1, CHUNK) + self._cmd(1, 1, 13)
-
-    def read(self, size: int) -> tuple[float, str]:
-        digest = hashlib.sha256()
-        lbas = list(range(0, size // 512, BLOCKS))
-        start = time.perf_counter()
-        sent = 0
-        while sent < min(self.depth, len(lbas)):
-            self.sock.sendall(self._command(sent + 1, lbas[sent]))
-            sent += 1
-        for _ in lbas:
-            self._ret(False)
-            digest.update(self._ret(True, self.buffer))
-            csw = self._ret(True)
-            if bytes(csw[:4]) != b"USBS" or csw[12]:
-                raise SystemExit("READ(10) failed (CSW)")
-            if sent < len(lbas):
-                self.sock.sendall(self._command(sent + 1, lbas[sent]))
-                sent += 1
-        elapsed = time.perf_counter() - start
-        self.sock.close()
-        return elapsed, digest.hexdigest()
-
 
 def serve(image: Path, record: Path | None) -> tuple[subprocess.Popen[str], int]:
     args = [sys.executable, "-m", "emulator.cli", "serve", "--port", "0", "--disk", str(image), "--read-only"]
@@ -165,9 +92,14 @@ def main() -> None:
                 recording.unlink(missing_ok=True)
                 child, port = serve(image, recording if record else None)
                 try:
-                    client = PipelinedClient(port, args.depth)
+                    client = RawClient(port)
+                    buffer = bytearray(size)
                     before = cpu_seconds(child.pid)
-                    seconds, digest = client.read(size)
+                    start = time.perf_counter()
+                    client.read(memoryview(buffer), chunk=CHUNK, depth=args.depth)
+                    seconds = time.perf_counter() - start
+                    client.close()
+                    digest = hashlib.sha256(buffer).hexdigest()
                     time.sleep(0.05)  # let the server finish its last sends
                     cpu[record].append(cpu_seconds(child.pid) - before)
                 finally:
