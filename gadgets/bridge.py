@@ -170,9 +170,9 @@ class RemoteSide:
         """Run a coroutine on the loop and wait for it from another thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def open(self, host: str, busid: str, port: int) -> RemoteImage:
+    def open(self, host: str, busid: str, port: int, tap: Any = None) -> RemoteImage:
         async def go() -> RemoteImage:
-            self.remote = await import_device(host, busid, port)
+            self.remote = await import_device(host, busid, port, tap=tap)
             return await describe_remote(self.remote, host, port)
 
         image: RemoteImage = self.run(go(), 60)
@@ -594,8 +594,10 @@ class Bridge:
     `wait()` returns when the bridge stops on its own (the remote went away: `failure` says why)."""
 
     def __init__(self, host: str, busid: str, *, port: int = USBIP_PORT, udc: str | None = None,
-                 name: str | None = None, depth: int = 8) -> None:
+                 name: str | None = None, depth: int = 8, tap: Any = None) -> None:
+        """`tap` sees every byte of the USB/IP connection (`emulator.tap`), e.g. a pcapng recorder's."""
         self.host, self.busid, self.port = host, busid, port
+        self.tap = tap
         self.requested_udc = udc
         self.name = name or f"vusb-bridge-{busid.replace('.', '_').replace(':', '_')}"
         self.depth = depth
@@ -627,7 +629,7 @@ class Bridge:
 
     def start(self) -> None:
         try:
-            image = self.remote.open(self.host, self.busid, self.port)
+            image = self.remote.open(self.host, self.busid, self.port, self.tap)
         except HostError as exc:
             raise BridgeError(f"cannot import {self.busid} from {self.host}:{self.port}: {exc}") from exc
         except TimeoutError:

@@ -211,9 +211,14 @@ def _usbip(*args: str, port: int | None = None) -> str:
 @click.option("--udc", default=None, help="Bridge: the UDC to present it on (default: the first free dummy_udc).")
 @click.option("--name", default=None, help="Bridge: configfs gadget name (default: vusb-bridge-BUSID).")
 @click.option("--vhci", is_flag=True, help="Use the kernel's `usbip attach` (vhci-hcd) instead of a gadget.")
-def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: str | None, vhci: bool) -> None:
+@click.option("--record", type=click.Path(path_type=Path), default=None, metavar="FILE.pcapng",
+              help="Bridge: record the USB/IP session to this pcapng file (wireshark -d tcp.port==3240,usbip).")
+def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: str | None, vhci: bool,
+                   record: Path | None) -> None:
     """Import a remote USB/IP device and present it locally: as a gadget bridged by vusb (default, runs until
     Ctrl-C or until the remote goes away), or through the kernel's vhci-hcd (`--vhci`, returns at once)."""
+    if vhci and record is not None:
+        raise click.UsageError("--record needs the bridge: with --vhci the kernel moves the URBs, not vusb")
     if vhci:
         import subprocess
 
@@ -224,9 +229,22 @@ def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: 
     from gadgets.bridge import Bridge, BridgeError
 
     udc = check_environment(udc)
+    recorder = None
+    if record is not None:  # before anything connects: a path that cannot be written is one clear error
+        from captures.record import PcapngRecorder, RecordedDevice
+
+        recorder = PcapngRecorder(record, mode="host", address=f"{host}:{tcp_port}",
+                                  devices=(RecordedDevice(busid),))
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        with Bridge(host, busid, port=tcp_port, udc=udc, name=name) as bridge:
+        with Bridge(host, busid, port=tcp_port, udc=udc, name=name,
+                    tap=recorder.tap if recorder is not None else None) as bridge:
+            if recorder is not None:
+                assert bridge.image is not None
+                dd = bridge.image.device
+                recorder.annotate(f"imported {busid}: {dd.id_vendor:04x}:{dd.id_product:04x} from "
+                                  f"{host}:{tcp_port}, bridged to a gadget")
+                console.print(f"recording the USB/IP session to {record}")
             assert bridge.image is not None and bridge.gadget is not None
             d = bridge.image.device
             table = Table(title="vusb bridge", show_header=False)
@@ -253,6 +271,9 @@ def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: 
         console.print("detached: gadget unbound and removed, remote released")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if recorder is not None:
+            recorder.close()
+            console.print(recorder.summary(), highlight=False)
 
 
 @click.command("port")

@@ -38,6 +38,8 @@ def test_help_lists_the_main_commands() -> None:
         (("serve",), "nothing to export", 2),
         (("serve", "--disk", "/nonexistent/dir/x.img"), "/nonexistent/dir/x.img", 1),
         (("list", "-r", "127.0.0.1", "--port", "1"), "127.0.0.1", 1),
+        (("attach", "--vhci", "--record", "x.pcapng", "-r", "127.0.0.1", "-b", "1-1"), "--record needs", 2),
+        (("serve", "--disk", "x.img", "--speed", "low"), "--speed", 2),
     ],
 )
 def test_user_mistakes_are_one_line_on_stderr_without_traceback(

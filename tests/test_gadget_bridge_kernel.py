@@ -298,3 +298,46 @@ def test_vusb_attach_vhci_uses_the_kernels_usbip_and_detach_releases_the_port():
         res = _vusb("detach", "-p", str(vhci_port))
         assert res.returncode == 0, res.stderr
         guest.poll(lambda: not guest.imported_ports(), timeout=30, what="the vhci port released")
+
+
+def test_vusb_attach_record_writes_the_bridged_sessions_usbip_traffic_to_pcapng(tmp_path):
+    """`vusb attach --record`: what the kernel's usb-storage reads through the bridge is in the recording —
+    every READ(10) of the 4 MiB read paired with its CSW, passed, its data bytes all there."""
+    from captures.transactions import analyze
+    from emulator.devices.mass_storage import mass_storage_device
+    from emulator.server import ServerThread
+
+    guest.modprobe("usb-storage", "sd_mod")
+    udc = guest.free_udc()
+    hcd = guest.hcd_of_udc(udc)
+    guest.poll(lambda: not guest.usb_devices(hcd), timeout=30, what=f"{hcd} free of earlier devices")
+    image = guest.make_backing_file(tmp_path / "disk.img", SIZE)
+    recording = tmp_path / "bridge.pcapng"
+    with ServerThread([mass_storage_device(image, read_only=True)]) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "emulator.cli", "attach", "-r", "127.0.0.1", "-b", "1-1", "--tcp-port",
+             str(server.port), "--udc", udc, "--name", "vusbtest-rec", "--record", str(recording)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            disk = guest.wait_for_disk(hcd, timeout=120)
+            fd = os.open(disk.dev, os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 4 << 20)
+                assert os.preadv(fd, [buf], 0) == 4 << 20
+            finally:
+                os.close(fd)
+            with open(image, "rb") as f:
+                assert bytes(buf) == f.read(4 << 20)
+            stopped = _vusb("detach", "-b", "vusbtest-rec")
+            assert stopped.returncode == 0, stopped.stderr
+            output, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, output
+    assert "recording the USB/IP session to" in output and "recorded " in output, output
+    reads = [c for c in analyze(recording).scsi_commands if c.name == "READ_10"]
+    covered = {lba for c in reads if c.csw_status == 0 and c.data_bytes == c.blocks * 512
+               for lba in range(c.logical_block_address, c.logical_block_address + c.blocks)}
+    assert set(range((4 << 20) // 512)) <= covered, f"{len(reads)} READ(10) recorded"
