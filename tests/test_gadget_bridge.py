@@ -208,7 +208,7 @@ def test_remote_with_an_isochronous_endpoint_is_refused_before_any_gadget_exists
     image = RemoteImage("127.0.0.1", 3240, "1-1", Speed.HIGH, DeviceDescriptor(id_vendor=0x1234, id_product=5),
                         Configuration(ConfigurationDescriptor(), (), (Interface((iso,)),)), {})
     bridge = Bridge("127.0.0.1", "1-1")
-    monkeypatch.setattr(bridge.remote, "open", lambda host, busid, port: image)
+    monkeypatch.setattr(bridge.remote, "open", lambda host, busid, port, tap=None: image)
     with pytest.raises(BridgeError, match=r"cannot be bridged: .*isochronous"):
         bridge.start()
     assert bridge.gadget is None
