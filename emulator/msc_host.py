@@ -98,6 +98,7 @@ COMMAND_TIMEOUT: Final = 30.0
 """Seconds a SCSI command may take: the sd driver's default (SD_TIMEOUT, 30 s)."""
 DEFAULT_MAX_TRANSFER: Final = 64 * 1024
 """Bytes per READ/WRITE command (64 KiB, what many USB disks advertise in their Block Limits VPD)."""
+_REFILL_FRACTION = 2  # pipelined reads queue new commands once this fraction of the queue has been answered
 _DRAIN_ABOVE = 256 * 1024  # data-out this large waits for the socket before the status phase
 
 SENSE_KEYS: Final = {
@@ -757,6 +758,7 @@ class MassStorage:
         count = len(out) // block_size
         per = max(1, self.max_transfer // block_size)
         depth = self.commands_in_flight
+        refill_at = depth - max(1, depth // _REFILL_FRACTION)
         queue: collections.deque[tuple[_Started, int, int]] = collections.deque()  # command, first block, n
         started_blocks = 0
 
@@ -782,9 +784,10 @@ class MassStorage:
                     started_blocks = first + n
                     await self._finish_read(started, target, seen)
                 queue.popleft()
-                if started_blocks < count:
-                    with device.batched():
-                        start_next()
+                if started_blocks < count and len(queue) <= refill_at:
+                    with device.batched():  # several commands in one write: fewer sends, same order
+                        while started_blocks < count and len(queue) < depth:
+                            start_next()
         except asyncio.CancelledError:
             for command, _, _ in queue:
                 for urb in command.urbs:
