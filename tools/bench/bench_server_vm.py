@@ -6,6 +6,8 @@ All paths run in one boot of the kernel VM (QEMU/TCG), on the same 64 MiB image:
              the reference runs at the same speed as vusb's default disk.
   vusb       `vusb serve --disk IMAGE --read-only` (its own process; a SuperSpeed disk, the default) → vhci
   vusb-hs    the same with `--speed high` (a USB 2 disk: usb-storage gives it 120 KiB commands, not 1 MiB)
+  vusb-rw    a writable copy of the image, SuperSpeed (READ data is read into Python, not sendfile'd: a
+             writable image could change under pages still queued in the socket)
   PyPI       the PyPI `usbip` package (0.7.0, the `bench` extra): its `MSC` class (high speed) on a file store
              that preads the image, served by its `USBIP` transport (its own process) → 127.0.0.1 → vhci
 All are attached at once and each round reads every disk, the paths taking turns every 8 MiB, so a burst
@@ -26,6 +28,8 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -111,6 +115,12 @@ def guest_main(size_mb: int, rounds: int, reference_speed: str) -> dict[str, obj
         attach(stack, "vusb", "1-1", 3300)
         procs["vusb_hs"] = stack.enter_context(server_process([*serve, "--port", "3302", "--speed", "high"], 3302))
         attach(stack, "vusb_hs", "1-1", 3302)
+        writable = Path("/tmp/bench-rw.img")  # its own copy: a writable image is locked for one exporter
+        shutil.copyfile(image, writable)
+        procs["vusb_rw"] = stack.enter_context(
+            server_process([*serve[:-3], "--disk", str(writable), "--port", "3303"], 3303)
+        )
+        attach(stack, "vusb_rw", "1-1", 3303)
         try:
             import usbip  # noqa: F401  (only to know whether the PyPI package is installed)
         except ImportError:
@@ -178,7 +188,14 @@ def server_process(argv: list[str], port: int) -> Iterator[subprocess.Popen[byte
 
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        guest.wait_for_tcp("127.0.0.1", port, timeout=120)
+        def up() -> bool:
+            if server.poll() is not None:
+                err = server.stderr.read().decode(errors="replace") if server.stderr else ""
+                raise RuntimeError(f"{argv[:6]}... exited {server.returncode}: {err[-500:]}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        guest.poll(up, timeout=120, what=f"a server on port {port}")
         yield server
     finally:
         server.terminate()
@@ -192,6 +209,7 @@ PATHS = {
     "kernel": "kernel usbip-host + f_mass_storage → vhci",
     "vusb": "vusb server (SuperSpeed disk) → vhci",
     "vusb_hs": "vusb server --speed high → vhci",
+    "vusb_rw": "vusb server, read-write disk (no sendfile) → vhci",
     "pypi": "PyPI usbip 0.7.0 server (high speed) → vhci",
 }
 
