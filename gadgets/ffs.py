@@ -818,7 +818,7 @@ class FunctionFs:
             if reply.status is not TransferStatus.OK:
                 self._stall_ep0(setup.request_type)
             elif setup.is_in:
-                self._ep0_io(lambda: ep0.write(bytes(reply.data[: setup.length])))
+                self._ep0_io(lambda: ep0.write(bytes(reply.data)[: setup.length]))
             else:
                 self._ep0_io(lambda: ep0.read(0))
         except OSError as exc:  # EIDRM: the host gave up (or reset) meanwhile; nobody waits for it

@@ -252,7 +252,7 @@ class ModelFunction:
             if reply.status not in (TransferStatus.OK, TransferStatus.OVERFLOW):
                 log.warning("IN %#04x: the model answered %s; sending what it gave", pipe.ep.address,
                             reply.status.name)
-            if not ffs.write(index, reply.data, functools.partial(self._in_done, pipe)):
+            if not ffs.write(index, bytes(reply.data), functools.partial(self._in_done, pipe)):  # bytes(b) is b
                 return
 
     def _in_done(self, pipe: _InPipe, status: int) -> None:

@@ -680,7 +680,7 @@ class Device:
         if reply.status is not TransferStatus.OK:
             return reply
         if setup.is_in:
-            return replace(reply, data=reply.data[:setup.length]) if len(reply.data) > setup.length else reply
+            return replace(reply, data=bytes(reply.data)[:setup.length]) if len(reply.data) > setup.length else reply
         # an OUT request has no IN data stage; what the host sent was taken whole unless the model says
         return Reply(reply.status, b"", len(data) if reply.actual_length is None else reply.actual_length)
 
@@ -714,7 +714,7 @@ class Device:
                 if got.length > length:
                     return Reply(TransferStatus.OVERFLOW, bytes(got)[:length])
             elif len(got) > length:
-                return Reply(TransferStatus.OVERFLOW, got[:length])
+                return Reply(TransferStatus.OVERFLOW, bytes(got)[:length])
         elif reply.actual_length is None and status is _OK:
             return replace(reply, actual_length=len(data))
         return reply
