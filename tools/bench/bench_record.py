@@ -98,10 +98,11 @@ def main() -> None:
                     start = time.perf_counter()
                     client.read(memoryview(buffer), chunk=CHUNK, depth=args.depth)
                     seconds = time.perf_counter() - start
+                    # Before the close: the session's thread (its CPU in task/*/schedstat) ends with the
+                    # connection. Every reply has been received, so the server has nothing left to send.
+                    cpu[record].append(cpu_seconds(child.pid) - before)
                     client.close()
                     digest = hashlib.sha256(buffer).hexdigest()
-                    time.sleep(0.05)  # let the server finish its last sends
-                    cpu[record].append(cpu_seconds(child.pid) - before)
                 finally:
                     stop(child)
                 if digest != expected:
