@@ -236,32 +236,24 @@ class _Read(_BlockCommand):
     direction = Direction.IN
 
     def read(self, n: int) -> bytes:
-        n = min(n, self.length - self._pos)
-        if n <= 0 or self._error is not None:
-            return b""
-        store = self._unit.store
-        assert store is not None
-        try:
-            data = store.pread(self._offset + self._pos, n)
-        except StorageError:
-            block = (self._offset + self._pos) // store.block_size
-            self._error = UNRECOVERED_READ_ERROR.with_information(block)
-            return b""
-        self._pos += n
-        return data
-
+        return self._next(n, False)  # type: ignore[return-value]  # pread gives bytes
 
     def read_region(self, n: int) -> bytes | FileRegion:
+        return self._next(n, True)
+
+    def _next(self, n: int, region: bool) -> bytes | FileRegion:
+        """The next at most `n` bytes from the store (as a region where it gives one); a store error ends
+        the data with MEDIUM ERROR for `finish`."""
         n = min(n, self.length - self._pos)
         if n <= 0 or self._error is not None:
             return b""
         store = self._unit.store
         assert store is not None
+        at = self._offset + self._pos
         try:
-            data = store.region(self._offset + self._pos, n)
+            data = store.region(at, n) if region else store.pread(at, n)
         except StorageError:
-            block = (self._offset + self._pos) // store.block_size
-            self._error = UNRECOVERED_READ_ERROR.with_information(block)
+            self._error = UNRECOVERED_READ_ERROR.with_information(at // store.block_size)
             return b""
         self._pos += n
         return data
