@@ -8,6 +8,7 @@ Marked `kernel`: the host's pytest boots the QEMU guest once and runs them there
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import mmap
 import os
@@ -18,6 +19,7 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,29 @@ def _keys(node: Path, count: int, timeout: float = 30) -> list[int]:
 def _vusb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "emulator.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+@contextlib.contextmanager
+def _vusb_attach(port: int, udc: str, name: str, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """`vusb attach` bridging 127.0.0.1:PORT's 1-1 onto `udc` as gadget `name`, killed if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator.cli", "attach", "-r", "127.0.0.1", "-b", "1-1", "--tcp-port",
+         str(port), "--udc", udc, "--name", name, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _vusb_detach(proc: subprocess.Popen[str], name: str) -> str:
+    """`vusb detach -b NAME`; what the attach process printed until it exited."""
+    stopped = _vusb("detach", "-b", name)
+    assert stopped.returncode == 0, stopped.stderr
+    output, _ = proc.communicate(timeout=60)
+    return output
 
 
 def test_kernel_usbip_host_disk_bridged_to_a_local_gadget_reads_back_and_writes_through(tmp_path):
@@ -215,22 +240,12 @@ def test_vusb_attach_bridge_reports_the_renumbering_shows_in_port_and_detach_sto
         guest.modprobe(module)
     udc = guest.free_udc()
     hcd = guest.hcd_of_udc(udc)
-    with ServerThread([hid_keyboard_device()]) as server:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "emulator.cli", "attach", "-r", "127.0.0.1", "-b", "1-1", "--tcp-port",
-             str(server.port), "--udc", udc, "--name", "vusbtest-attach"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            guest.poll(lambda: _evdev_node(hcd), timeout=90, what="the bridged keyboard")
-            listing = _vusb("port")
-            assert listing.returncode == 0 and "vusbtest-attach" in listing.stdout + listing.stderr
-            stopped = _vusb("detach", "-b", "vusbtest-attach")
-            assert stopped.returncode == 0, stopped.stderr
-            output, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with ServerThread([hid_keyboard_device()]) as server, \
+            _vusb_attach(server.port, udc, "vusbtest-attach") as proc:
+        guest.poll(lambda: _evdev_node(hcd), timeout=90, what="the bridged keyboard")
+        listing = _vusb("port")
+        assert listing.returncode == 0 and "vusbtest-attach" in listing.stdout + listing.stderr
+        output = _vusb_detach(proc, "vusbtest-attach")
     assert proc.returncode == 0, output
     assert "libcomposite answers" in output and "SET_CONFIGURATION" in output, output
     assert "interface 0 -> host interface 0" in output and "(ep1) -> host endpoint 0x" in output, output
@@ -313,28 +328,18 @@ def test_vusb_attach_record_writes_the_bridged_sessions_usbip_traffic_to_pcapng(
     guest.poll(lambda: not guest.usb_devices(hcd), timeout=30, what=f"{hcd} free of earlier devices")
     image = guest.make_backing_file(tmp_path / "disk.img", SIZE)
     recording = tmp_path / "bridge.pcapng"
-    with ServerThread([mass_storage_device(image, read_only=True)]) as server:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "emulator.cli", "attach", "-r", "127.0.0.1", "-b", "1-1", "--tcp-port",
-             str(server.port), "--udc", udc, "--name", "vusbtest-rec", "--record", str(recording)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with ServerThread([mass_storage_device(image, read_only=True)]) as server, \
+            _vusb_attach(server.port, udc, "vusbtest-rec", "--record", str(recording)) as proc:
+        disk = guest.wait_for_disk(hcd, timeout=120)
+        fd = os.open(disk.dev, os.O_RDONLY | os.O_DIRECT)
         try:
-            disk = guest.wait_for_disk(hcd, timeout=120)
-            fd = os.open(disk.dev, os.O_RDONLY | os.O_DIRECT)
-            try:
-                buf = mmap.mmap(-1, 4 << 20)
-                assert os.preadv(fd, [buf], 0) == 4 << 20
-            finally:
-                os.close(fd)
-            with open(image, "rb") as f:
-                assert bytes(buf) == f.read(4 << 20)
-            stopped = _vusb("detach", "-b", "vusbtest-rec")
-            assert stopped.returncode == 0, stopped.stderr
-            output, _ = proc.communicate(timeout=60)
+            buf = mmap.mmap(-1, 4 << 20)
+            assert os.preadv(fd, [buf], 0) == 4 << 20
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            os.close(fd)
+        with open(image, "rb") as f:
+            assert bytes(buf) == f.read(4 << 20)
+        output = _vusb_detach(proc, "vusbtest-rec")
     assert proc.returncode == 0, output
     assert "recording the USB/IP session to" in output and "recorded " in output, output
     reads = [c for c in analyze(recording).scsi_commands if c.name == "READ_10"]
