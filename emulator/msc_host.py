@@ -895,11 +895,13 @@ class SyncMassStorage:
     """`MassStorage` driven from ordinary code, on a `SyncRemoteDevice`'s loop thread."""
 
     def __init__(self, device: SyncRemoteDevice, *, lun: int = 0, max_transfer: int = DEFAULT_MAX_TRANSFER,
-                 urbs_per_command: int = 1, pipeline: bool = True, timeout: float = COMMAND_TIMEOUT) -> None:
+                 urbs_per_command: int = 1, pipeline: bool = True, timeout: float = COMMAND_TIMEOUT,
+                 commands_in_flight: int = 1) -> None:
         self.remote = device
         self.timeout = timeout
         self.msc = MassStorage(device.device, lun=lun, max_transfer=max_transfer,
-                               urbs_per_command=urbs_per_command, pipeline=pipeline, timeout=timeout)
+                               urbs_per_command=urbs_per_command, pipeline=pipeline, timeout=timeout,
+                               commands_in_flight=commands_in_flight)
         self._run(self.msc.open(), 20)
 
     def _run(self, coro: Coroutine[Any, Any, T], commands: int) -> T:

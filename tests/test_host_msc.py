@@ -27,11 +27,13 @@ from emulator.msc_host import (
     MscError,
     NotMassStorage,
     ScsiCheckCondition,
+    SyncMassStorage,
     _cdb_rw,
     open_disk,
     parse_sense,
 )
 from emulator.server import UsbipServer
+from emulator.sync_host import SyncRemoteDevice
 from tests.host_helpers import server_process, server_thread
 
 T = TypeVar("T")
@@ -390,3 +392,16 @@ def test_commands_in_flight_below_one_is_refused(image: Path) -> None:
                 MassStorage(device, commands_in_flight=0)
 
     run(main())
+
+
+def test_blocking_facade_reads_with_several_commands_in_flight(image: Path) -> None:
+    original = os.urandom(MIB)
+    with image.open("r+b") as f:
+        f.write(original)
+    with server_thread([mass_storage_device(str(image))]) as running:
+        remote = SyncRemoteDevice.open("127.0.0.1", "1-1", running.port)
+        try:
+            disk = SyncMassStorage(remote, commands_in_flight=4)
+            assert disk.read_blocks(1, MIB // 512 - 1) == original[512:]
+        finally:
+            remote.close()
