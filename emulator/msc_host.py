@@ -697,6 +697,20 @@ class MassStorage:
             raise MscError(f"blocks {lba}..{lba + count - 1} are outside the disk (0..{capacity.block_count - 1})")
         return capacity
 
+    def _whole_blocks(self, lba: int, buffer: bytes | bytearray | memoryview) -> tuple[memoryview, int, int]:
+        """`buffer` as bytes, the block size, and how many whole blocks it holds from `lba` on (checked
+        against the disk)."""
+        view = memoryview(buffer).cast("B")
+        capacity = self.capacity
+        if capacity is None:
+            raise MscError("the capacity is unknown: call open() (or read_capacity()) first")
+        block_size = capacity.block_size
+        if len(view) % block_size:
+            raise MscError(f"{len(view)} bytes is not a whole number of {block_size}-byte blocks")
+        count = len(view) // block_size
+        self._check_range(lba, count)
+        return view, block_size, count
+
     async def read_blocks(self, lba: int, count: int) -> bytes:
         """Read `count` blocks from `lba`, in commands of at most `max_transfer` bytes."""
         capacity = self._check_range(lba, count)
@@ -722,15 +736,7 @@ class MassStorage:
     async def readinto_blocks(self, lba: int, buffer: bytearray | memoryview) -> None:
         """Fill `buffer` (whole blocks) from block `lba` on: a sequential read with `commands_in_flight`
         READ commands of `max_transfer` bytes queued ahead when that is above 1 and `pipeline` is on."""
-        view = memoryview(buffer).cast("B")
-        capacity = self.capacity
-        if capacity is None:
-            raise MscError("the capacity is unknown: call open() (or read_capacity()) first")
-        block_size = capacity.block_size
-        if len(view) % block_size:
-            raise MscError(f"{len(view)} bytes is not a whole number of {block_size}-byte blocks")
-        count = len(view) // block_size
-        self._check_range(lba, count)
+        view, block_size, count = self._whole_blocks(lba, buffer)
         if self.commands_in_flight == 1 or not self.pipeline:
             per = max(1, self.max_transfer // block_size)
             for first in range(0, count, per):
@@ -859,15 +865,7 @@ class MassStorage:
 
     async def write_blocks(self, lba: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole blocks starting at `lba`, in commands of at most `max_transfer` bytes."""
-        view = memoryview(data).cast("B")
-        capacity = self.capacity
-        if capacity is None:
-            raise MscError("the capacity is unknown: call open() (or read_capacity()) first")
-        block_size = capacity.block_size
-        if len(view) % block_size:
-            raise MscError(f"{len(view)} bytes is not a whole number of {block_size}-byte blocks")
-        count = len(view) // block_size
-        self._check_range(lba, count)
+        view, block_size, count = self._whole_blocks(lba, data)
         per = max(1, self.max_transfer // block_size)
         done = 0
         while done < count:
