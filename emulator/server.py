@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import cast
 
 from emulator.devices.base import Device, FileRegion, Reply, TransferStatus
 from emulator.errors import VusbError
@@ -83,8 +84,13 @@ _DONTWAIT_MORE = _DONTWAIT | int(socket.MSG_MORE)  # a header whose payload foll
 _DONE = Phase.DONE  # a module name: `Phase.DONE` goes through EnumType.__getattr__ (Python 3.11) per read
 
 
-def _as_bytes(part: bytes | FileRegion) -> bytes:
-    return bytes(part) if type(part) is FileRegion else part  # type: ignore[return-value]
+# What a reply is written from. A FileRegion (READ data to sendfile) rides through the core's bytes-typed
+# transfer_buffer as an opaque sized part: the core only takes its length and puts it in the iovec.
+_Part = bytes | memoryview | FileRegion
+
+
+def _as_bytes(part: _Part) -> bytes | memoryview:
+    return bytes(part) if isinstance(part, FileRegion) else part
 
 
 class _Broken(Exception):
@@ -162,12 +168,13 @@ def _ret_for(cmd: CmdSubmit, reply: Reply) -> RetSubmit:
     if cmd.direction == USBIP_DIR_IN:
         data = reply.data
         if len(data) > cmd.transfer_buffer_length:
-            data = _as_bytes(data)[: cmd.transfer_buffer_length]
+            data = bytes(data)[: cmd.transfer_buffer_length]
             if status == 0:
                 status = int(TransferStatus.OVERFLOW)
         elif status == 0 and cmd.transfer_flags & _SHORT_NOT_OK and len(data) < cmd.transfer_buffer_length:
             status = int(TransferStatus.SHORT)
-        return RetSubmit(seqnum=cmd.seqnum, status=status, actual_length=len(data), transfer_buffer=data)
+        return RetSubmit(seqnum=cmd.seqnum, status=status, actual_length=len(data),
+                         transfer_buffer=cast(bytes, data))
     actual = min(reply.length, cmd.transfer_buffer_length)
     return RetSubmit(seqnum=cmd.seqnum, status=status, actual_length=actual)
 
@@ -207,7 +214,7 @@ class UrbDispatcher:
             return None
         return _ret_for(cmd, reply)
 
-    def submit_plain(self, urb: PlainSubmit) -> tuple[int, int, bytes] | None:
+    def submit_plain(self, urb: PlainSubmit) -> tuple[int, int, bytes | FileRegion] | None:
         """`submit` for a URB taken with `ServerConnection.next_plain_submit` (a non-iso transfer to a
         bulk or interrupt endpoint): its RET_SUBMIT's (status, actual_length, transfer_buffer), or None
         when it was queued. The same length and short-packet rules as `_ret_for`, without the objects."""
@@ -221,16 +228,16 @@ class UrbDispatcher:
                 if not is_in:
                     actual = reply.length
                     return status, actual if actual < length else length, b""
-                data = reply.data
-                actual = data.length if type(data) is FileRegion else len(data)  # type: ignore[union-attr]
+                payload = reply.data
+                actual = payload.length if isinstance(payload, FileRegion) else len(payload)
                 if actual > length:
-                    data = _as_bytes(data)[:length]
+                    payload = bytes(payload)[:length]
                     actual = length
                     if status == 0:
                         status = _OVERFLOW
                 elif status == 0 and flags & _SHORT_NOT_OK and actual < length:
                     status = _SHORT
-                return status, actual, data
+                return status, actual, payload
         cmd = CmdSubmit(
             seqnum=seqnum,
             devid=devid,
@@ -406,7 +413,7 @@ class _Session:
         conn = self.conn
         try:
             conn.receive_data(data)
-            out: list[bytes] = []
+            out: list[_Part] = []
             while True:
                 dispatcher = self.dispatcher
                 if dispatcher is not None:  # the per-URB path: no message objects for a bulk transfer
@@ -415,7 +422,7 @@ class _Session:
                         done = dispatcher.submit_plain(urb)
                         if done is not None:
                             status, actual, payload = done
-                            out += conn.complete_plain(urb[0], status, actual, payload)
+                            out += conn.complete_plain(urb[0], status, actual, cast(bytes, payload))
                             region = type(payload) is FileRegion
                             if region or actual >= _SEND_AT_ONCE:  # see below
                                 self._send(out, region)
@@ -428,10 +435,8 @@ class _Session:
                     ret = self.dispatcher.submit(event)
                     if ret is not None:
                         out += conn.complete_iov(ret)
-                        if (
-                            type(ret.transfer_buffer) is FileRegion
-                            or len(ret.transfer_buffer) >= _SEND_AT_ONCE
-                        ):
+                        buffer = cast(_Part, ret.transfer_buffer)
+                        if type(buffer) is FileRegion or len(buffer) >= _SEND_AT_ONCE:
                             # A bulk payload leaves now: the client takes it in while the URBs behind it
                             # (a CSW read) are answered, as a server answering URB by URB would let it.
                             self._send(out)
@@ -451,7 +456,7 @@ class _Session:
             return "operation done"
         return None
 
-    def _send(self, parts: list[bytes], regions: bool | None = None) -> None:
+    def _send(self, parts: Sequence[_Part], regions: bool | None = None) -> None:
         """Write `parts`; `regions` says whether a FileRegion is among them (None: look)."""
         if not parts or (self._closing is not None and self.sock.fileno() < 0):
             return
@@ -461,7 +466,7 @@ class _Session:
         if (
             tap is not None
         ):  # the buffers of this write, not joined (a region read for it: a recording's cost)
-            tap(self.cid, False, list(map(_as_bytes, parts)) if regions else parts)
+            tap(self.cid, False, list(map(_as_bytes, parts)) if regions else cast(list[bytes], parts))
         out = self._out
         if regions:
             if out:  # behind what waits: as bytes, which `_flush` can write
@@ -470,6 +475,7 @@ class _Session:
                 parts = self._send_regions(parts)
                 if not parts:
                     return
+        parts = cast(list[bytes | memoryview], parts)  # no FileRegion left in them
         if not out and len(parts) <= _IOV_MAX:  # nothing waiting: the usual case, all of it goes at once
             try:
                 sent = self.sock.sendmsg(parts, (), _DONTWAIT)
@@ -499,7 +505,7 @@ class _Session:
         if self._out_bytes > _HIGH_WATER:
             self._pause_reading()
 
-    def _send_regions(self, parts: list[bytes]) -> list[bytes]:
+    def _send_regions(self, parts: Sequence[_Part]) -> list[bytes | memoryview]:
         """Write `parts` (nothing is queued before them), each `FileRegion` with sendfile(2) and the buffers
         before it with one sendmsg(MSG_MORE): the image's page-cache pages go into the socket with no copy
         through Python. Returns what the socket did not take, regions read into bytes, for `_send` to
@@ -508,10 +514,10 @@ class _Session:
         at = 0  # parts[at:] are not sent yet
         try:
             for i, part in enumerate(parts):
-                if type(part) is not FileRegion:
+                if not isinstance(part, FileRegion):
                     continue
                 if at < i:
-                    head = parts[at:i]
+                    head = cast(list[bytes | memoryview], parts[at:i])
                     size = sum(map(len, head))
                     try:
                         sent = self.sock.sendmsg(head, (), _DONTWAIT_MORE)
@@ -519,7 +525,7 @@ class _Session:
                         sent = 0
                     if sent < size:
                         return [memoryview(b"".join(head))[sent:], *map(_as_bytes, parts[i:])]
-                region: FileRegion = part  # type: ignore[assignment]
+                region = part
                 offset, left = region.offset, region.length
                 while left:
                     try:
@@ -533,7 +539,7 @@ class _Session:
                 at = i + 1
         except OSError as exc:
             raise _Broken(f"connection lost: {exc}") from exc
-        return parts[at:]
+        return cast(list[bytes | memoryview], parts[at:])  # no region among them: the loop sent those
 
     def _consume(self, sent: int) -> None:
         """Drop the first `sent` bytes of `_out` (the socket took them)."""
@@ -606,7 +612,7 @@ class _Session:
             except _Broken as exc:
                 self.close(str(exc))
 
-    def _handle(self, event: object, out: list[bytes]) -> None:
+    def _handle(self, event: object, out: list[_Part]) -> None:
         if type(event) is CmdSubmit:
             assert self.dispatcher is not None
             ret = self.dispatcher.submit(event)
