@@ -93,6 +93,23 @@ _MAX_SEGMENT = wire.MAX_SEGMENT
 _TAILS = tuple(struct.Struct(f"<{pad}xI").pack for pad in range(4))
 
 
+def _segment(layout: _Layout, hi: int, lo: int, filled: int, ip_id: int, own: int,
+             ack: int, window: int) -> tuple[bytes, bytes, int]:
+    """A segment of `filled` payload bytes as an Enhanced Packet Block: its header (EPB, Ethernet, IPv4 with
+    its checksum, TCP; `layout` is `TcpFrames.ipv4_layout()`), its tail (padding and the closing length),
+    and the block's whole size. The payload goes between the two."""
+    v4, prefix, route, base = layout
+    caplen = 54 + filled
+    pad = -caplen & 3
+    folded = base + 40 + filled + ip_id
+    folded = (folded & 0xFFFF) + (folded >> 16)
+    header = _EPB_HEAD.pack(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen) + v4(
+        prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF,
+        route, own & 0xFFFFFFFF, ack, 0x50, 0x18, window,
+    )  # fmt: skip
+    return header, _TAILS[pad](32 + caplen + pad), 32 + caplen + pad
+
+
 class RecordError(CaptureError):
     """The recording file cannot be created or its first blocks cannot be written."""
 
@@ -529,9 +546,6 @@ class PcapngRecorder:
             self._frame_data(out, conn.key, stamp, False, parts)
             return sum(map(len, out))
         tcp = conn.tcp
-        v4, prefix, route, base = layout
-        epb = _EPB_HEAD.pack
-        tails = _TAILS
         append = out.append
         peek = _RET_PEEK.unpack_from
         directions = conn.directions
@@ -543,6 +557,7 @@ class PcapngRecorder:
         remaining = stream.remaining
         frames = 0
         size = 0
+
         head = len(out)  # where the current frame's header goes, once its length is known
         append(None)
         filled = 0
@@ -584,17 +599,10 @@ class PcapngRecorder:
                     if remaining and filled != _MAX_SEGMENT:
                         continue
                 # a segment ends: a message's end, or 65495 bytes
-                caplen = 54 + filled
-                pad = -caplen & 3
                 ip_id = (ip_id + 1) & 0xFFFF
-                folded = base + 40 + filled + ip_id
-                folded = (folded & 0xFFFF) + (folded >> 16)
-                out[head] = epb(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen) + v4(
-                    prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF,
-                    route, own & 0xFFFFFFFF, ack, 0x50, 0x18, window,
-                )  # fmt: skip
-                append(tails[pad](32 + caplen + pad))
-                size += 32 + caplen + pad
+                out[head], tail, block = _segment(layout, hi, lo, filled, ip_id, own, ack, window)
+                append(tail)
+                size += block
                 head = len(out)
                 append(None)
                 own += filled
@@ -605,17 +613,10 @@ class PcapngRecorder:
                 break
             index += 1
         if filled:  # the call ends inside a message: so does its segment
-            caplen = 54 + filled
-            pad = -caplen & 3
             ip_id = (ip_id + 1) & 0xFFFF
-            folded = base + 40 + filled + ip_id
-            folded = (folded & 0xFFFF) + (folded >> 16)
-            out[head] = epb(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen) + v4(
-                prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF,
-                route, own & 0xFFFFFFFF, ack, 0x50, 0x18, window,
-            )  # fmt: skip
-            append(tails[pad](32 + caplen + pad))
-            size += 32 + caplen + pad
+            out[head], tail, block = _segment(layout, hi, lo, filled, ip_id, own, ack, window)
+            append(tail)
+            size += block
             own += filled
             frames += 1
         else:
@@ -663,23 +664,14 @@ class PcapngRecorder:
         stream.position += n
         tcp = conn.tcp
         seq = tcp.seq
-        v4, prefix, route, base = layout
         ip_id = tcp.ip_id = (tcp.ip_id + 1) & 0xFFFF
         own = seq[True]
         seq[True] = own + n
-        caplen = 54 + n
-        pad = -caplen & 3
-        folded = base + 40 + n + ip_id
-        folded = (folded & 0xFFFF) + (folded >> 16)
-        out += (
-            _EPB_HEAD.pack(6, 32 + caplen + pad, 0, stamp >> 32, stamp & 0xFFFFFFFF, caplen, caplen)
-            + v4(prefix, 40 + n, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF, route,
-                 own & 0xFFFFFFFF, seq[False] & 0xFFFFFFFF, 0x50, 0x18, tcp.window),
-            data,
-            _TAILS[pad](32 + caplen + pad),
-        )  # fmt: skip
+        header, tail, block = _segment(layout, stamp >> 32, stamp & 0xFFFFFFFF, n, ip_id, own,
+                                       seq[False] & 0xFFFFFFFF, tcp.window)
+        out += (header, data, tail)
         self.frames += 1
-        return 32 + caplen + pad
+        return block
 
     def _on_close(self, key: tuple[int, int], reason: str) -> None:
         with self._lock:
