@@ -338,7 +338,7 @@ class _Link(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self._receive = memoryview(bytearray(_READ_BUFFER))
+        self._receive = memoryview(bytearray(_READ_BUFFER if self._tap is not None else 0))
         self.closed = self._loop.create_future()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
@@ -360,12 +360,16 @@ class _Link(asyncio.BufferedProtocol):
                 self._session_tap = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._tap is None:  # the kernel writes straight into the core's buffer: no copy per read
+            return self.conn.get_buffer(_READ_BUFFER)
         return self._receive
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._tap is not None:
+        if self._tap is None:
+            self.conn.buffer_updated(nbytes)
+        else:
             self._tap(self.cid, False, bytes(self._receive[:nbytes]))
-        self.conn.receive_data(self._receive[:nbytes])
+            self.conn.receive_data(self._receive[:nbytes])
         self._pump()
         if self._out:  # what the completions submitted leaves now, not one more turn of the loop later
             self.flush()

@@ -733,11 +733,26 @@ def play_conversation(draw, steps):
     return pair
 
 
-def replay_server(stream, chunks):
+def feed_by_copy(conn, data, hint):
+    conn.receive_data(data)
+
+
+def feed_in_place(conn, data, hint):
+    """What a BufferedProtocol edge does: read into the connection's own buffer, then say how much came."""
+    view = conn.get_buffer(hint)
+    assert len(view) >= max(hint, 1)
+    view[: len(data)] = data
+    del view
+    conn.buffer_updated(len(data))
+
+
+def replay_server(stream, chunks, feed=feed_by_copy, hints=()):
     server, events, pos = ServerConnection(), [], 0
+    hints = [*hints]
     for size in [*chunks, len(stream)]:
         if stream[pos : pos + size]:  # b"" would mean EOF
-            server.receive_data(stream[pos : pos + size])
+            chunk = stream[pos : pos + size]
+            feed(server, chunk, max(hints.pop() if hints else 0, len(chunk)))
         pos += size
         while (event := server.next_event()) is not NEED_DATA:  # one at a time: react before the next
             events.append(event)
@@ -746,12 +761,14 @@ def replay_server(stream, chunks):
     return events
 
 
-def replay_client(stream, chunks, client_sent):
+def replay_client(stream, chunks, client_sent, feed=feed_by_copy, hints=()):
     client, events, pos = ClientConnection(), [], 0
+    hints = [*hints]
     client.send(client_sent[0])
     for size in [*chunks, len(stream)]:
         if stream[pos : pos + size]:  # b"" would mean EOF
-            client.receive_data(stream[pos : pos + size])
+            chunk = stream[pos : pos + size]
+            feed(client, chunk, max(hints.pop() if hints else 0, len(chunk)))
         pos += size
         while (event := client.next_event()) is not NEED_DATA:
             events.append(event)
@@ -768,6 +785,56 @@ def test_any_split_of_a_valid_stream_yields_the_same_events(data):
     chunk_sizes = st.lists(st.integers(1, 97), max_size=60)
     assert replay_server(bytes(pair.c2s_log), data.draw(chunk_sizes)) == pair.server_events
     assert replay_client(bytes(pair.s2c_log), data.draw(chunk_sizes), pair.client_sent) == pair.client_events
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_split_read_into_get_buffer_yields_the_same_events(data):
+    """The same through get_buffer/buffer_updated, with small size hints: the unconsumed tail moves to the
+    front or into a bigger buffer many times."""
+    pair = play_conversation(data.draw, data.draw(st.integers(5, 40)))
+    chunk_sizes = st.lists(st.integers(1, 97), max_size=60)
+    hints = st.lists(st.integers(-1, 200), max_size=60)
+    c2s, s2c = bytes(pair.c2s_log), bytes(pair.s2c_log)
+    server_events = replay_server(c2s, data.draw(chunk_sizes), feed_in_place, data.draw(hints))
+    assert server_events == pair.server_events
+    client_events = replay_client(
+        s2c, data.draw(chunk_sizes), pair.client_sent, feed_in_place, data.draw(hints)
+    )
+    assert client_events == pair.client_events
+
+
+def test_buffer_updated_takes_what_was_read_into_get_buffer_and_0_means_eof():
+    server = ServerConnection()
+    request = pack(OpReqDevlist())
+    view = server.get_buffer(-1)
+    assert len(view) >= 1 << 16
+    view[: len(request)] = request
+    del view
+    server.buffer_updated(len(request))
+    assert server.next_event() == OpReqDevlist()
+    server.send(OpRepDevlist())
+    server.get_buffer(1)
+    server.buffer_updated(0)
+    assert server.next_event() == ConnectionClosed()
+    with pytest.raises(LocalPhaseError, match="after the end of the stream"):
+        server.get_buffer(4)
+        server.buffer_updated(4)
+
+
+def test_buffer_updated_beyond_the_view_is_refused():
+    server = ServerConnection()
+    room = len(server.get_buffer(8))
+    with pytest.raises(ValueError, match="holds"):
+        server.buffer_updated(room + 1)
+
+
+def test_receive_data_takes_a_memoryview_of_any_format_as_its_bytes():
+    server = ServerConnection()
+    request = pack(OpReqDevlist())
+    server.receive_data(memoryview(request).cast("I"))
+    assert server.trailing_data == (request, False)
+    assert server.next_event() == OpReqDevlist()
 
 
 @settings(max_examples=10, deadline=None)

@@ -433,15 +433,15 @@ PlainSubmit: TypeAlias = tuple[int, int, int, int, int, int, bytes]
 transfer_buffer_length, transfer_buffer)."""
 
 
-def read_plain_cmd_submit(buf: Buffer, limits: Limits) -> tuple[PlainSubmit, int] | None:
+def read_plain_cmd_submit(buf: Buffer, limits: Limits, pos: int = 0) -> tuple[PlainSubmit, int] | None:
     """`read_cmd_submit` for the message a disk or serial port sees thousands of times a second: a
-    complete non-isochronous CMD_SUBMIT to an endpoint other than ep0 at buf[0], as a tuple (no message
+    complete non-isochronous CMD_SUBMIT to an endpoint other than ep0 at buf[pos], as a tuple (no message
     object), with its size. None for anything else (another message, ep0, iso, one not all in yet, one
     `read_cmd_submit` would reject): the caller then takes the full reader, which decodes it or names the
     error. start_frame, interval and setup mean nothing to a bulk or interrupt URB and are not returned."""
-    if len(buf) < _HDR:
+    if len(buf) - pos < _HDR:
         return None
-    command, seqnum, devid, direction, ep, flags, length, _, packets, _, _ = _CMD_SUBMIT.unpack_from(buf, 0)
+    command, seqnum, devid, direction, ep, flags, length, _, packets, _, _ = _CMD_SUBMIT.unpack_from(buf, pos)
     if (
         command != _CMD_SUBMIT_COMMAND
         or not 0 < ep <= 15
@@ -451,10 +451,12 @@ def read_plain_cmd_submit(buf: Buffer, limits: Limits) -> tuple[PlainSubmit, int
         return None
     if direction == _DIR_IN:
         return (seqnum, devid, direction, ep, flags, length, b""), _HDR
-    if direction != _DIR_OUT or len(buf) < _HDR + length:
+    if direction != _DIR_OUT or len(buf) - pos < _HDR + length:
         return None
     total = _HDR + length
-    return (seqnum, devid, direction, ep, flags, length, _take(buf, _HDR, total) if length else b""), total
+    start = pos + _HDR
+    payload = _take(buf, start, start + length) if length else b""
+    return (seqnum, devid, direction, ep, flags, length, payload), total
 
 
 def read_ret_submit(

@@ -82,6 +82,8 @@ from emulator.usbip.messages import (
 logger = logging.getLogger(__name__)
 
 _SEQNUM_MAX: Final = 0xFFFFFFFF
+_ROOM: Final = 1 << 16
+"""Free bytes `get_buffer()` offers at least (when the caller's size hint is smaller or none)."""
 
 
 class Phase(Enum):
@@ -136,8 +138,14 @@ class _Connection:
 
     def __init__(self, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits: Final = limits
+        # Received bytes live in _buf[_start:_end]; the rest of _buf is room for the next read. Consuming a
+        # message advances _start (no bytes move); the unconsumed tail moves to the front only when the room
+        # runs out. _view is memoryview(_buf)[:_end] for the readers, rebuilt when _buf or _end changes.
         self._buf = bytearray()
-        self._base = 0  # stream offset of _buf[0]
+        self._start = 0
+        self._end = 0
+        self._view: memoryview | None = None
+        self._base = 0  # stream offset of _buf[_start]
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._phase = Phase.OP
@@ -181,7 +189,7 @@ class _Connection:
     @property
     def trailing_data(self) -> tuple[bytes, bool]:
         """Bytes received but not consumed, and whether the peer closed (h11's name and meaning)."""
-        return bytes(self._buf), self._eof
+        return bytes(self._buf[self._start : self._end]), self._eof
 
     def _set_phase(self, phase: Phase) -> None:
         self._phase = phase
@@ -203,16 +211,73 @@ class _Connection:
             return
         self._debug = logger.isEnabledFor(logging.DEBUG)
         if data:
-            self._buf += data
+            if type(data) is memoryview and (data.format != "B" or not data.c_contiguous):
+                data = data.tobytes()
+            size = len(data)
+            end = self._end
+            if len(self._buf) - end < size:
+                self._make_room(size)
+                end = self._end
+            self._buf[end : end + size] = data
+            self._end = end + size
+            self._view = None
         else:
             self._eof = True
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Free space to read the peer's next bytes into (at least `sizehint` bytes, or 64 KiB), for
+        `socket.recv_into` or an `asyncio.BufferedProtocol`; report what was read with `buffer_updated`.
+        Unlike `receive_data` this copies nothing. Drop the view before the next `get_buffer`."""
+        want = sizehint if sizehint > 0 else _ROOM
+        if len(self._buf) - self._end < want:
+            self._make_room(want)
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` bytes were read into the last `get_buffer()` view (0 means the peer closed, as
+        `receive_data(b"")`)."""
+        if self._error is not None:
+            return
+        if nbytes <= 0:
+            self.receive_data(b"")
+            return
+        if self._eof:
+            raise LocalPhaseError(f"buffer_updated() got {nbytes} bytes after the end of the stream")
+        if self._end + nbytes > len(self._buf):
+            raise ValueError(
+                f"buffer_updated({nbytes}): the get_buffer() view holds {len(self._buf) - self._end}"
+            )
+        self._debug = logger.isEnabledFor(logging.DEBUG)
+        self._end += nbytes
+        self._view = None
+
+    def _make_room(self, want: int) -> None:
+        """Move the unconsumed bytes to the front of a buffer with at least `want` bytes free after them.
+        In place when they fit and do not overlap their new place (equal-size slice assignment, allowed
+        while views of the buffer are alive); else into a new, bigger buffer."""
+        buf, start, end = self._buf, self._start, self._end
+        kept = end - start
+        if kept + want <= len(buf) and kept <= start:
+            if kept:
+                with memoryview(buf) as whole:
+                    buf[:kept] = whole[start:end]
+        else:
+            new = bytearray(max(2 * len(buf), kept + want))
+            if kept:
+                with memoryview(buf) as whole:
+                    new[:kept] = whole[start:end]
+            self._buf = new
+        self._start = 0
+        self._end = kept
+        self._view = None
 
     def next_event(self) -> Event | NeedData:
         """The next complete event from the peer, NEED_DATA, or ConnectionClosed once the peer has closed."""
         if self._error is not None:
             raise self._error
-        buf = self._buf
-        if not buf:
+        start = self._start
+        end = self._end
+        if start == end:
             if self._phase is _CLOSED:
                 return ConnectionClosed()
             if not self._eof:
@@ -223,19 +288,22 @@ class _Connection:
         if expect is None:
             return NEED_DATA  # our reply to the operation is due first
         base = self._base
+        buf = self._view
+        if buf is None:
+            buf = self._view = memoryview(self._buf)[:end]
         try:  # one function, not two: this runs once per message
             if not expect:
                 raise self._nothing_expected(base)
-            message_type = peek_message_type(buf, 0, base, urb_phase=self._phase is _URB)
+            message_type = peek_message_type(buf, start, base, urb_phase=self._phase is _URB)
             if message_type is None:
                 need = 4
             elif message_type not in expect:
                 raise self._unexpected(message_type, expect, base)
             else:
-                result = READERS[message_type](buf, 0, base, self.limits, self._direction_hook)
+                result = READERS[message_type](buf, start, base, self.limits, self._direction_hook)
                 if type(result) is tuple:
                     message, consumed = result
-                    del buf[:consumed]
+                    self._start = start + consumed
                     self._base = base + consumed
                     self._received(message, base)
                     if logger.isEnabledFor(logging.DEBUG):
@@ -245,10 +313,11 @@ class _Connection:
                 need = result
             if self._eof:
                 what = message_name(message_type) if message_type is not None else "a message"
+                have = end - start
                 raise TruncatedMessageError(
-                    f"the {self._peer} closed the connection {len(buf)} bytes into {what} that needs at least "
-                    f"{need} (stream offset {base + len(buf)})",
-                    offset=base + len(buf),
+                    f"the {self._peer} closed the connection {have} bytes into {what} that needs at least "
+                    f"{need} (stream offset {base + have})",
+                    offset=base + have,
                 )
             return NEED_DATA
         except RemoteProtocolError as error:
@@ -268,7 +337,7 @@ class _Connection:
         else:
             why = "before any request was sent"
         return RemotePhaseError(
-            f"the {self._peer} sent {len(self._buf)} bytes {why} (stream offset {base})", offset=base
+            f"the {self._peer} sent {self._end - self._start} bytes {why} (stream offset {base})", offset=base
         )
 
     def _unexpected(
@@ -428,9 +497,13 @@ class ServerConnection(_Connection):
         a message object, for a server's per-URB path. Otherwise None and nothing is consumed: call
         `next_event()`, which returns the event, NEED_DATA, or raises the error. Answer it with
         `complete_plain` (or `complete_iov`): the URB is outstanding as any other."""
-        if self._phase is not _URB or len(self._buf) < USBIP_HEADER_SIZE:  # the end of a batch
+        start = self._start
+        if self._phase is not _URB or self._end - start < USBIP_HEADER_SIZE:  # the end of a batch
             return None
-        found = read_plain_cmd_submit(self._buf, self.limits)
+        view = self._view
+        if view is None:
+            view = self._view = memoryview(self._buf)[: self._end]
+        found = read_plain_cmd_submit(view, self.limits, start)
         if found is None:
             return None
         submit, consumed = found
@@ -442,7 +515,7 @@ class ServerConnection(_Connection):
             or self._debug  # next_event() logs each message
         ):
             return None
-        del self._buf[:consumed]
+        self._start = start + consumed
         self._base += consumed
         self._submits[seqnum] = (submit[2], submit[5], 0)
         return submit
