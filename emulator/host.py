@@ -436,7 +436,11 @@ class _Link(asyncio.BufferedProtocol):
         cost one system call, not three (on loopback each send also runs the receiver's TCP path)."""
         if self.lost is not None:
             raise self.lost
-        self._out.extend(self.conn.send_iov(message))  # header and payload as they are: joined once, below
+        self.queue(self.conn.send_iov(message))
+
+    def queue(self, buffers: list[bytes]) -> None:
+        """Queue bytes the core produced (header and payload as they are: joined once, in `flush`)."""
+        self._out.extend(buffers)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -746,14 +750,18 @@ class RemoteDevice:
         conn = link.conn
         seqnum = conn.next_seqnum()
         # The codec only needs len() and the buffer protocol of an OUT payload.
-        cmd = CmdSubmit(seqnum=seqnum, devid=self.devid, direction=direction, ep=number,
-                        transfer_flags=transfer_flags, transfer_buffer_length=length,
-                        number_of_packets=len(isos), interval=interval, setup=setup_bytes,
-                        transfer_buffer=typing.cast(bytes, payload), iso_packet_descriptors=isos)
+        if number and not isos:  # bulk or interrupt: the core packs it without a message object
+            link.queue(conn.submit_plain(seqnum, self.devid, direction, number, transfer_flags, length,
+                                         typing.cast(bytes, payload), interval))
+        else:
+            link.send(CmdSubmit(seqnum=seqnum, devid=self.devid, direction=direction, ep=number,
+                                transfer_flags=transfer_flags, transfer_buffer_length=length,
+                                number_of_packets=len(isos), interval=interval, setup=setup_bytes,
+                                transfer_buffer=typing.cast(bytes, payload), iso_packet_descriptors=isos))
+        # (a LocalProtocolError above leaves nothing registered)
         future: asyncio.Future[UrbResult] = self._loop.create_future()
         urb = Urb(seqnum, endpoint, length, future, lengths)
         urb.on_done = on_done
-        link.send(cmd)  # a LocalProtocolError here leaves nothing registered
         self._urbs[seqnum] = urb
         if timeout is not None:
             urb.deadline = deadline = self._loop.time() + timeout

@@ -1122,3 +1122,55 @@ def test_complete_plain_checks_lengths_like_complete_iov():
     with pytest.raises(LocalLengthMismatchError):
         server.complete_plain(seqnum, 0, 5, b"abcde")
     assert seqnum in server.pending_seqnums
+
+
+def _outcome(call):
+    try:
+        return b"".join(call())
+    except Exception as error:  # the type and text are what is compared
+        return type(error), str(error)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 6),
+    st.sampled_from([DEVID, DEVID + 1]),
+    st.sampled_from([USBIP_DIR_IN, USBIP_DIR_OUT, 7]),
+    st.integers(-1, 17),
+    st.sampled_from([0, 0x200, -1, 1 << 32]),
+    st.integers(-1, 40),
+    st.binary(max_size=40),
+    st.sampled_from([0, 4, -1 << 31, 1 << 31]),
+)
+def test_submit_plain_sends_what_send_iov_sends_or_raises_the_same(
+    outstanding, devid, direction, ep, flags, length, data, interval
+):
+    """submit_plain gives send_iov(CmdSubmit(...))'s bytes, bookkeeping and errors, with or without its shortcut."""
+    plain, _ = imported_pair()
+    full, _ = imported_pair()
+    for conn in (plain, full):
+        for seqnum in range(1, 4):  # seqnums 1-3 are outstanding
+            conn.send(
+                CmdSubmit(seqnum=seqnum, devid=DEVID, direction=USBIP_DIR_IN, ep=1, transfer_buffer_length=8)
+            )
+    cmd = dict(seqnum=outstanding, devid=devid, direction=direction, ep=ep, transfer_flags=flags)
+    cmd.update(transfer_buffer_length=length, transfer_buffer=data, interval=interval)
+    got = _outcome(lambda: plain.submit_plain(**cmd))
+    want = _outcome(lambda: full.send_iov(CmdSubmit(**cmd)))
+    assert got == want
+    assert dict(plain._submits) == dict(full._submits)
+
+
+def test_submit_plain_urbs_are_answered_like_any_other():
+    client, server = imported_pair()
+    server.receive_data(b"".join(client.submit_plain(client.next_seqnum(), DEVID, USBIP_DIR_IN, 1, 0x200, 5)))
+    server.receive_data(
+        b"".join(client.submit_plain(client.next_seqnum(), DEVID, USBIP_DIR_OUT, 2, 0, 3, b"abc"))
+    )
+    first, second = drain(server)
+    assert (first.seqnum, first.direction, first.ep, first.transfer_flags) == (1, USBIP_DIR_IN, 1, 0x200)
+    assert (second.seqnum, second.ep, second.transfer_buffer) == (2, 2, b"abc")
+    client.receive_data(server.send(RetSubmit(seqnum=2, actual_length=3)))
+    client.receive_data(server.send(RetSubmit(seqnum=1, actual_length=5, transfer_buffer=b"12345")))
+    assert [e.transfer_buffer for e in drain(client)] == [b"", b"12345"]
+    assert not client.pending_seqnums

@@ -1007,6 +1007,35 @@ def ret_submit_header(seqnum: int, status: int, actual_length: int) -> bytes:
 
 
 _RET_SUBMIT_COMMAND: Final = int(USBIP_RET_SUBMIT)
+_NO_SETUP: Final = bytes(8)
+
+
+def cmd_submit_header(
+    seqnum: int,
+    devid: int,
+    direction: int,
+    ep: int,
+    transfer_flags: int,
+    transfer_buffer_length: int,
+    interval: int = 0,
+) -> bytes:
+    """The 48-byte header of a non-isochronous CMD_SUBMIT without a SETUP packet (start_frame and
+    number_of_packets 0): `pack_iov(CmdSubmit(...))[0]` in one struct call, for a host's per-URB path. A
+    value the wire cannot carry raises struct.error (the caller falls back to `pack_iov`, which names the
+    field)."""
+    return _CMD_SUBMIT.pack(
+        _CMD_SUBMIT_COMMAND,
+        seqnum,
+        devid,
+        direction,
+        ep,
+        transfer_flags,
+        transfer_buffer_length,
+        0,
+        0,
+        interval,
+        _NO_SETUP,
+    )
 
 
 def _pack_cmd_unlink(m: CmdUnlink) -> bytes:
@@ -1189,6 +1218,7 @@ __all__ = [
     "PlainSubmit",
     "ReadResult",
     "Reader",
+    "cmd_submit_header",
     "message_name",
     "pack",
     "pack_iov",

@@ -46,13 +46,14 @@ from emulator.usbip.codec import (
     READERS,
     Limits,
     PlainSubmit,
+    cmd_submit_header,
     message_name,
     pack_iov,
     peek_message_type,
     read_plain_cmd_submit,
     ret_submit_header,
 )
-from emulator.usbip.constants import ECONNRESET, ST_OK, USBIP_DIR_IN, USBIP_HEADER_SIZE
+from emulator.usbip.constants import ECONNRESET, ST_OK, USBIP_DIR_IN, USBIP_DIR_OUT, USBIP_HEADER_SIZE
 from emulator.usbip.errors import (
     LocalFieldError,
     LocalLengthMismatchError,
@@ -106,6 +107,8 @@ class Phase(Enum):
 # The phases the hot path tests, as module names: `Phase.URB` goes through EnumType.__getattr__ on Python
 # 3.11 (ten times the cost of a global), and these tests run for every message.
 _URB: Final = Phase.URB
+_DIR_IN: Final = int(USBIP_DIR_IN)
+_DIR_OUT: Final = int(USBIP_DIR_OUT)
 _CLOSED: Final = Phase.CLOSED
 
 
@@ -793,6 +796,57 @@ class ClientConnection(_Connection):
             raise TypeError(f"{message_type.__name__} is not a USB/IP message")
         self._log_sent(message)
         return data
+
+    def submit_plain(
+        self,
+        seqnum: int,
+        devid: int,
+        direction: int,
+        ep: int,
+        transfer_flags: int,
+        transfer_buffer_length: int,
+        transfer_buffer: bytes = b"",
+        interval: int = 0,
+    ) -> list[bytes]:
+        """`send_iov(CmdSubmit(...))` of a non-isochronous URB without a SETUP packet (start_frame 0) — the
+        same bytes, checks and bookkeeping — without the message object when nothing is unusual (URB
+        phase, the imported devid, a fresh seqnum, an endpoint other than ep0, the lengths fit): a host's
+        per-URB path."""
+        if (
+            self._phase is _URB
+            and devid == self._devid
+            and type(ep) is int
+            and 0 < ep <= 15
+            and seqnum not in self._submits
+            and seqnum not in self._unlinks
+            and (
+                len(transfer_buffer) == transfer_buffer_length
+                if direction == _DIR_OUT
+                else direction == _DIR_IN and not transfer_buffer
+            )
+            and not self._debug  # send_iov() logs each message
+        ):
+            try:
+                header = cmd_submit_header(
+                    seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length, interval
+                )
+            except struct.error:
+                pass  # a field out of range: send_iov names it
+            else:
+                self._submits[seqnum] = (direction, transfer_buffer_length, 0)
+                return [header, transfer_buffer] if transfer_buffer else [header]
+        return self.send_iov(
+            CmdSubmit(
+                seqnum=seqnum,
+                devid=devid,
+                direction=direction,
+                ep=ep,
+                transfer_flags=transfer_flags,
+                transfer_buffer_length=transfer_buffer_length,
+                interval=interval,
+                transfer_buffer=transfer_buffer,
+            )
+        )
 
     def _send_cmd_submit(self, cmd: CmdSubmit) -> list[bytes]:
         if self._phase is not _URB:
