@@ -75,6 +75,7 @@ from emulator.usbip import (
     RetUnlink,
     UsbDevice,
 )
+from emulator.usbip.codec import PlainRet
 from emulator.usbip.constants import (
     ECONNRESET,
     ENODEV,
@@ -330,6 +331,7 @@ class _Link(asyncio.BufferedProtocol):
         self._session_tap = session_tap(tap)
         self.transport: asyncio.Transport | None = None
         self.on_event: Callable[[object], None] = self._unexpected
+        self.on_plain: Callable[[PlainRet], None] | None = None  # plain RET_SUBMITs as tuples, if set
         self.on_lost: Callable[[HostError], None] = lambda error: None
         self.lost: HostError | None = None
         self.closing = False
@@ -406,7 +408,13 @@ class _Link(asyncio.BufferedProtocol):
 
     def _pump(self) -> None:
         conn = self.conn
+        on_plain = self.on_plain
         while self.lost is None:
+            if on_plain is not None:
+                plain = conn.next_plain_ret()
+                if plain is not None:
+                    on_plain(plain)
+                    continue
             try:
                 event = conn.next_event()
             except ProtocolError as exc:
@@ -619,6 +627,7 @@ class RemoteDevice:
         self._watchdog_when = 0.0
         self._strings: dict[tuple[int, int], str] = {}
         link.on_event = self._on_event
+        link.on_plain = self._on_plain
         link.on_lost = self._on_lost
 
     def __repr__(self) -> str:
@@ -658,6 +667,11 @@ class RemoteDevice:
             if urb is not None and self._urbs.get(urb.seqnum) is urb:
                 del self._urbs[urb.seqnum]
                 urb._finish(UrbResult(event.status, unlinked=True))
+
+    def _on_plain(self, ret: PlainRet) -> None:
+        urb = self._urbs.pop(ret[0], None)
+        if urb is not None:  # else the core rejected it first (pragma: no cover)
+            urb._finish(UrbResult(ret[1], ret[2], ret[5], False, ret[3], ret[4], ()))
 
     @staticmethod
     def _iso_results(urb: Urb, ret: RetSubmit) -> tuple[IsoPacketResult, ...]:

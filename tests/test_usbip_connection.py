@@ -761,6 +761,40 @@ def replay_server(stream, chunks, feed=feed_by_copy, hints=()):
     return events
 
 
+def _plain_or_full(client):
+    """next_plain_ret, else next_event, as the host's pump takes them; RET_SUBMITs as comparable tuples."""
+    plain = client.next_plain_ret()
+    if plain is not None:
+        return ("ret", *plain)
+    event = client.next_event()
+    if type(event) is RetSubmit and not event.iso_packet_descriptors:
+        return (
+            "ret",
+            event.seqnum,
+            event.status,
+            event.actual_length,
+            event.start_frame,
+            event.error_count,
+            event.transfer_buffer,
+        )
+    return event
+
+
+def replay_client_plain(stream, chunks, client_sent):
+    client, events, pos = ClientConnection(), [], 0
+    client.send(client_sent[0])
+    for size in [*chunks, len(stream)]:
+        if stream[pos : pos + size]:
+            client.receive_data(stream[pos : pos + size])
+        pos += size
+        while (event := _plain_or_full(client)) is not NEED_DATA:
+            events.append(event)
+            if isinstance(event, OpRepImport):
+                for message in client_sent[1:]:
+                    client.send(message)
+    return events
+
+
 def replay_client(stream, chunks, client_sent, feed=feed_by_copy, hints=()):
     client, events, pos = ClientConnection(), [], 0
     hints = [*hints]
@@ -785,6 +819,63 @@ def test_any_split_of_a_valid_stream_yields_the_same_events(data):
     chunk_sizes = st.lists(st.integers(1, 97), max_size=60)
     assert replay_server(bytes(pair.c2s_log), data.draw(chunk_sizes)) == pair.server_events
     assert replay_client(bytes(pair.s2c_log), data.draw(chunk_sizes), pair.client_sent) == pair.client_events
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_split_through_next_plain_ret_yields_the_same_events(data):
+    """A client taking plain RET_SUBMITs as tuples (next_plain_ret, else next_event) sees the same answers,
+    in the same order, as through next_event alone."""
+    pair = play_conversation(data.draw, data.draw(st.integers(5, 40)))
+    chunks = data.draw(st.lists(st.integers(1, 97), max_size=60))
+    full = replay_client(bytes(pair.s2c_log), chunks, pair.client_sent)
+    events = replay_client_plain(bytes(pair.s2c_log), chunks, pair.client_sent)
+    want = [
+        ("ret", e.seqnum, e.status, e.actual_length, e.start_frame, e.error_count, e.transfer_buffer)
+        if type(e) is RetSubmit and not e.iso_packet_descriptors
+        else e
+        for e in full
+    ]
+    assert events == want
+
+
+def test_next_plain_ret_leaves_the_unusual_to_next_event():
+    client, server = imported_pair()
+    in_seq, waiting_seq, unlinked_seq = (submit(client, server) for _ in range(3))
+    iso = CmdSubmit(
+        seqnum=9,
+        devid=DEVID,
+        direction=USBIP_DIR_IN,
+        ep=3,
+        transfer_buffer_length=8,
+        number_of_packets=1,
+        iso_packet_descriptors=(IsoPacketDescriptor(offset=0, length=8),),
+    )
+    server.receive_data(client.send(iso))
+    drain(server)
+    server.receive_data(client.send(CmdUnlink(seqnum=10, devid=DEVID, unlink_seqnum=unlinked_seq)))
+    drain(server)
+    assert client.next_plain_ret() is None  # nothing in
+    client.receive_data(
+        server.send(RetSubmit(seqnum=in_seq, status=-32, actual_length=3, transfer_buffer=b"abc"))
+    )
+    client.receive_data(
+        server.send(
+            RetSubmit(
+                seqnum=9,
+                actual_length=0,
+                number_of_packets=1,
+                iso_packet_descriptors=(IsoPacketDescriptor(offset=0, length=8),),
+            )
+        )
+    )
+    assert client.next_plain_ret() == (in_seq, -32, 3, 0, 0, b"abc")
+    assert client.next_plain_ret() is None  # iso: a message
+    assert type(client.next_event()) is RetSubmit
+    client.receive_data(server.send(server.ret_unlink_for(10)))
+    assert client.next_plain_ret() is None  # a RET_UNLINK
+    assert type(client.next_event()) is RetUnlink
+    assert sorted(client.pending_seqnums) == [waiting_seq]
 
 
 @settings(max_examples=60, deadline=None)

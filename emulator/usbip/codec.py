@@ -459,6 +459,25 @@ def read_plain_cmd_submit(buf: Buffer, limits: Limits, pos: int = 0) -> tuple[Pl
     return (seqnum, devid, direction, ep, flags, length, payload), total
 
 
+PlainRet: TypeAlias = tuple[int, int, int, int, int, bytes]
+"""A plain RET_SUBMIT as a host's hot path takes it: (seqnum, status, actual_length, start_frame,
+error_count, transfer_buffer)."""
+
+
+def read_ret_submit_header(buf: Buffer, pos: int) -> tuple[int, int, int, int, int, int] | None:
+    """(seqnum, status, actual_length, start_frame, number_of_packets, error_count) of the RET_SUBMIT
+    header at buf[pos], or None if fewer than 48 bytes are in or it is another message: the first step
+    of a host's per-URB path, which checks the rest against its CMD_SUBMIT (`read_ret_submit` otherwise)."""
+    if len(buf) - pos < _HDR:
+        return None
+    command, seqnum, _, _, _, status, actual_length, start_frame, packets, error_count = (
+        _RET_SUBMIT.unpack_from(buf, pos)
+    )
+    if command != _RET_SUBMIT_COMMAND:
+        return None
+    return seqnum, status, actual_length, start_frame, packets, error_count
+
+
 def read_ret_submit(
     buf: Buffer, pos: int, base: int, limits: Limits, direction_of: DirectionOf | None = None
 ) -> ReadResult:
@@ -1215,6 +1234,7 @@ __all__ = [
     "Buffer",
     "DirectionOf",
     "Limits",
+    "PlainRet",
     "PlainSubmit",
     "ReadResult",
     "Reader",
@@ -1231,6 +1251,7 @@ __all__ = [
     "read_op_req_import",
     "read_plain_cmd_submit",
     "read_ret_submit",
+    "read_ret_submit_header",
     "read_ret_unlink",
     "ret_submit_header",
     "unpack",

@@ -45,12 +45,14 @@ from emulator.usbip.codec import (
     DEFAULT_LIMITS,
     READERS,
     Limits,
+    PlainRet,
     PlainSubmit,
     cmd_submit_header,
     message_name,
     pack_iov,
     peek_message_type,
     read_plain_cmd_submit,
+    read_ret_submit_header,
     ret_submit_header,
 )
 from emulator.usbip.constants import ECONNRESET, ST_OK, USBIP_DIR_IN, USBIP_DIR_OUT, USBIP_HEADER_SIZE
@@ -725,6 +727,46 @@ class ClientConnection(_Connection):
                 seqnum=seqnum,
             )
         return urb[0]
+
+    def next_plain_ret(self) -> PlainRet | None:
+        """The next event if it is a plain RET_SUBMIT — the whole answer to a pending non-isochronous URB
+        that is not being unlinked, passing every check `next_event()` makes — as a tuple
+        (`codec.PlainRet`) instead of a message object, for a host's per-URB path. Otherwise None and
+        nothing is consumed: call `next_event()`, which returns the event, NEED_DATA, or raises the error."""
+        start = self._start
+        if self._phase is not _URB or self._end - start < USBIP_HEADER_SIZE:  # the end of a batch
+            return None
+        view = self._view
+        if view is None:
+            view = self._view = memoryview(self._buf)[: self._end]
+        header = read_ret_submit_header(view, start)
+        if header is None:
+            return None
+        seqnum, status, actual_length, start_frame, number_of_packets, error_count = header
+        urb = self._submits.get(seqnum)
+        if (
+            urb is None
+            or urb[2] > 0
+            or not (number_of_packets == 0 or number_of_packets == -1)
+            or not 0 <= actual_length <= urb[1]
+            or actual_length > self.limits.max_transfer_buffer_length
+            or seqnum in self._unlinking
+            or self._debug  # next_event() logs each message
+        ):
+            return None
+        if urb[0] == _DIR_IN and actual_length:
+            total = USBIP_HEADER_SIZE + actual_length
+            if self._end - start < total:
+                return None
+            with view[start + USBIP_HEADER_SIZE : start + total] as payload:
+                transfer_buffer = payload.tobytes()
+        else:
+            total = USBIP_HEADER_SIZE
+            transfer_buffer = b""
+        self._start = start + total
+        self._base += total
+        del self._submits[seqnum]
+        return seqnum, status, actual_length, start_frame, error_count, transfer_buffer
 
     def _received(self, message: Message, base: int) -> None:
         message_type = type(message)
