@@ -244,7 +244,7 @@ class UrbResult:
 
     status: int
     actual_length: int = 0
-    data: bytes = b""
+    data: bytes = b""  # empty if the submit gave `into`: the data is in into[:actual_length]
     unlinked: bool = False
     start_frame: int = 0
     error_count: int = 0
@@ -265,8 +265,8 @@ class Urb:
     callback given to the future would wait for the next turn of the event loop (one more epoll per URB).
     """
 
-    __slots__ = ("deadline", "endpoint", "future", "iso_lengths", "length", "on_done", "seqnum", "timed_out",
-                 "unlink_seqnum")
+    __slots__ = ("deadline", "endpoint", "future", "into", "iso_lengths", "length", "on_done", "seqnum",
+                 "timed_out", "unlink_seqnum")
 
     def __init__(self, seqnum: int, endpoint: int, length: int, future: asyncio.Future[UrbResult],
                  iso_lengths: tuple[int, ...] = ()) -> None:
@@ -279,6 +279,7 @@ class Urb:
         self.timed_out = False
         self.deadline: float | None = None  # loop time when it is unlinked for taking too long
         self.on_done: Callable[[Urb], None] | None = None
+        self.into: memoryview | None = None  # where an IN URB's data goes (submit's `into`)
 
     @property
     def is_in(self) -> bool:
@@ -658,7 +659,11 @@ class RemoteDevice:
             isos: tuple[IsoPacketResult, ...] = ()
             if event.iso_packet_descriptors:
                 isos = self._iso_results(urb, event)
-            urb._finish(UrbResult(event.status, event.actual_length, event.transfer_buffer, False,
+            data = event.transfer_buffer
+            if urb.into is not None and data:  # as next_plain_ret does
+                urb.into[:len(data)] = data
+                data = b""
+            urb._finish(UrbResult(event.status, event.actual_length, data, False,
                                   event.start_frame, event.error_count, isos))  # positional: once per URB
         elif type(event) is RetUnlink:
             urb = self._unlinks.pop(event.seqnum, None)
@@ -703,13 +708,15 @@ class RemoteDevice:
     def submit(self, endpoint: int, data_or_length: bytes | bytearray | memoryview | int, *,
                setup: SetupPacket | bytes | None = None, timeout: float | None = DEFAULT_TIMEOUT,
                transfer_flags: int = 0, iso_packets: Sequence[int] | None = None, interval: int = 0,
-               on_done: Callable[[Urb], None] | None = None) -> Urb:
+               on_done: Callable[[Urb], None] | None = None, into: memoryview | None = None) -> Urb:
         """Send one CMD_SUBMIT now and return its `Urb` without waiting.
 
         `endpoint` is the address with its direction bit (0x00/0x80 for ep0 OUT/IN). IN takes a length,
         OUT the data. `setup` is required on ep0. `iso_packets` (packet lengths) makes it isochronous.
         The timeout starts now; None means no timeout (the URB then ends only with an answer, an unlink,
         or the connection). `on_done(urb)` runs as soon as it ends (see `Urb`).
+        `into` (bulk or interrupt IN, a writable byte view of at least the length): the data is put there
+        as it is decoded (into[:actual_length]; the result's `data` is then b""), not into a new bytes.
         """
         link = self._link
         if link.lost is not None:
@@ -764,9 +771,12 @@ class RemoteDevice:
         conn = link.conn
         seqnum = conn.next_seqnum()
         # The codec only needs len() and the buffer protocol of an OUT payload.
+        if into is not None and (not number or isos or direction != USBIP_DIR_IN or into.readonly
+                                 or into.format != "B" or len(into) < length):
+            raise UnsupportedTransfer("into: a writable byte view as long as the transfer, for bulk or interrupt IN")
         if number and not isos:  # bulk or interrupt: the core packs it without a message object
             link.queue(conn.submit_plain(seqnum, self.devid, direction, number, transfer_flags, length,
-                                         typing.cast(bytes, payload), interval))
+                                         typing.cast(bytes, payload), interval, into))
         else:
             link.send(CmdSubmit(seqnum=seqnum, devid=self.devid, direction=direction, ep=number,
                                 transfer_flags=transfer_flags, transfer_buffer_length=length,
@@ -776,6 +786,7 @@ class RemoteDevice:
         future: asyncio.Future[UrbResult] = self._loop.create_future()
         urb = Urb(seqnum, endpoint, length, future, lengths)
         urb.on_done = on_done
+        urb.into = into
         self._urbs[seqnum] = urb
         if timeout is not None:
             urb.deadline = deadline = self._loop.time() + timeout

@@ -474,8 +474,9 @@ class MassStorage:
             self._needs_recovery = True
             raise
 
-    def _submit(self, endpoint: int, data_or_length: bytes | memoryview | int, timeout: float) -> Urb:
-        urb = self.device.submit(endpoint, data_or_length, timeout=timeout)
+    def _submit(self, endpoint: int, data_or_length: bytes | memoryview | int, timeout: float,
+                into: memoryview | None = None) -> Urb:
+        urb = self.device.submit(endpoint, data_or_length, timeout=timeout, into=into)
         self._command_urbs.append(urb)
         return urb
 
@@ -484,8 +485,9 @@ class MassStorage:
         return await self._complete(self._start(cdb, data_in, data_out, lun, timeout))
 
     def _start(self, cdb: bytes, data_in: int, data_out: bytes | memoryview, lun: int,
-               timeout: float) -> _Started:
-        """Submit a command's CBW (and, pipelined, its data and CSW URBs) in one write."""
+               timeout: float, into: memoryview | None = None) -> _Started:
+        """Submit a command's CBW (and, pipelined, its data and CSW URBs) in one write; IN data goes
+        straight into `into` if given (`RemoteDevice.submit`)."""
         self._command_urbs = []
         tag = self._next_tag()
         length = data_in or len(data_out)
@@ -496,7 +498,7 @@ class MassStorage:
         with self.device.batched():  # the command's URBs in one write
             cbw_urb = self._submit(self.ep_out, cbw, timeout)
             if self.pipeline:
-                data_urbs = self._submit_data(data_in, data_out, self.max_packet_in, timeout)
+                data_urbs = self._submit_data(data_in, data_out, self.max_packet_in, timeout, into)
                 csw_urb = self._submit(self.ep_in, US_BULK_CS_WRAP_LEN, timeout)
         return _Started(cdb, tag, data_in, data_out, timeout, cbw_urb, data_urbs, csw_urb, self._command_urbs)
 
@@ -544,9 +546,10 @@ class MassStorage:
             if result.status != 0:
                 raise await self._fail(pending, f"data phase of tag {tag:#x} failed: "
                                                 f"{status_text(result.status)}")
+            data = result.data if urb.into is None else bytes(urb.into[:result.actual_length])
             if ended:  # the data ended earlier: this transfer got what the device sent next
-                if urb.is_in and self._looks_like_csw(result.data, tag):
-                    csw_raw = result.data
+                if urb.is_in and self._looks_like_csw(data, tag):
+                    csw_raw = data
                     await self._abandon(data_urbs[index + 1:] + ([csw_urb] if csw_urb else []))
                     csw_urb = None
                     break
@@ -555,7 +558,7 @@ class MassStorage:
                 raise await self._fail(pending, f"tag {tag:#x}: the device sent {result.actual_length} bytes "
                                                 "after ending its data phase")
             if urb.is_in:
-                chunks.append(result.data)
+                chunks.append(data)
             if result.actual_length < urb.length:
                 ended = True
 
@@ -583,11 +586,14 @@ class MassStorage:
         return CommandResult(b"".join(chunks), residue, status)
 
     def _submit_data(self, data_in: int, data_out: bytes | memoryview, quantum: int,
-                     timeout: float) -> list[Urb]:
+                     timeout: float, into: memoryview | None = None) -> list[Urb]:
         urbs = []
         if data_in:
+            position = 0
             for size in _split(data_in, self.urbs_per_command, quantum):
-                urbs.append(self._submit(self.ep_in, size, timeout))
+                target = into[position:position + size] if into is not None else None
+                urbs.append(self._submit(self.ep_in, size, timeout, target))
+                position += size
         elif data_out:
             view = memoryview(data_out)
             position = 0
@@ -772,7 +778,9 @@ class MassStorage:
             nonlocal started_blocks
             n = min(per, count - started_blocks)
             cdb = _cdb_rw(READ_10, READ_16, lba + started_blocks, n)
-            queue.append((self._start(cdb, n * block_size, b"", self.lun, self.timeout), started_blocks, n))
+            target = out[started_blocks * block_size:(started_blocks + n) * block_size]
+            started = self._start(cdb, n * block_size, b"", self.lun, self.timeout, target)
+            queue.append((started, started_blocks, n))
             started_blocks += n
 
         try:
@@ -818,7 +826,8 @@ class MassStorage:
             result = await wait(urb)
             if result.status or result.actual_length != urb.length:
                 return False
-            target[position:position + urb.length] = result.data
+            if urb.into is None:
+                target[position:position + urb.length] = result.data
             position += urb.length
         assert started.csw_urb is not None
         result = await wait(started.csw_urb)

@@ -219,6 +219,25 @@ def test_unlink_of_pending_interrupt_in_is_answered_with_econnreset() -> None:
     run(main())
 
 
+def test_submit_into_puts_the_in_data_in_the_callers_buffer() -> None:
+    async def main() -> None:
+        keyboard = Keyboard()
+        async with keyboard_server(keyboard) as server, \
+                await import_device("127.0.0.1", "1-1", server.port) as device:
+            await device.set_configuration(1)
+            buffer = bytearray(12)
+            keyboard.type_text("b")
+            result = await device.submit(0x81, 8, into=memoryview(buffer)[2:10])
+            assert result.status == 0 and result.data == b""
+            assert bytes(buffer[2:2 + result.actual_length]) == Keyboard.report([0x05])[:result.actual_length]
+            with pytest.raises(UnsupportedTransfer, match="into"):
+                device.submit(0x81, 16, into=memoryview(buffer))  # shorter than the transfer
+            with pytest.raises(UnsupportedTransfer, match="into"):
+                device.submit(0x01, b"ab", into=memoryview(buffer))  # OUT
+
+    run(main())
+
+
 def test_transfer_timeout_unlinks_the_urb_and_raises_transfer_timeout() -> None:
     async def main() -> None:
         async with keyboard_server() as server, await import_device("127.0.0.1", "1-1", server.port) as device:

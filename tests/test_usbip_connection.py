@@ -1265,3 +1265,28 @@ def test_submit_plain_urbs_are_answered_like_any_other():
     client.receive_data(server.send(RetSubmit(seqnum=1, actual_length=5, transfer_buffer=b"12345")))
     assert [e.transfer_buffer for e in drain(client)] == [b"", b"12345"]
     assert not client.pending_seqnums
+
+
+def test_submit_plain_into_puts_the_in_data_where_asked():
+    client, server = imported_pair()
+    target = bytearray(12)
+    server.receive_data(
+        b"".join(client.submit_plain(1, DEVID, USBIP_DIR_IN, 1, 0, 8, into=memoryview(target)[2:10]))
+    )
+    server.receive_data(
+        b"".join(client.submit_plain(2, DEVID, USBIP_DIR_IN, 1, 0, 4, into=memoryview(target)[:4]))
+    )
+    drain(server)
+    client.receive_data(server.send(RetSubmit(seqnum=1, actual_length=5, transfer_buffer=b"hello")))
+    assert client.next_plain_ret() == (1, 0, 5, 0, 0, b"")  # the data went into the view
+    assert target == bytearray(b"\0\0hello\0\0\0\0\0")
+    client.receive_data(server.send(RetSubmit(seqnum=2, actual_length=2, transfer_buffer=b"ab")))
+    event = client.next_event()  # next_event ignores `into` and forgets it
+    assert (event.seqnum, event.transfer_buffer) == (2, b"ab")
+    assert target[:2] == b"\0\0"
+    assert not client._into
+    with pytest.raises(ValueError, match="into"):
+        client.submit_plain(3, DEVID, USBIP_DIR_OUT, 1, 0, 0, into=memoryview(target))
+    with pytest.raises(ValueError, match="into"):
+        client.submit_plain(3, DEVID, USBIP_DIR_IN, 1, 0, 13, into=memoryview(target))
+    assert not client.pending_seqnums

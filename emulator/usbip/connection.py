@@ -693,6 +693,7 @@ class ClientConnection(_Connection):
         super().__init__(limits=limits)
         self._imported: UsbDevice | None = None
         self._last_seqnum = 0
+        self._into: dict[int, memoryview] = {}  # IN URB seqnum -> where next_plain_ret puts its data
 
     def _expectations(self, phase: Phase) -> tuple[type[Message], ...] | None:
         if phase is Phase.OP_REPLY:
@@ -754,15 +755,21 @@ class ClientConnection(_Connection):
             or self._debug  # next_event() logs each message
         ):
             return None
+        transfer_buffer = b""
+        into = self._into.pop(seqnum, None) if self._into else None
         if urb[0] == _DIR_IN and actual_length:
             total = USBIP_HEADER_SIZE + actual_length
             if self._end - start < total:
+                if into is not None:
+                    self._into[seqnum] = into
                 return None
             with view[start + USBIP_HEADER_SIZE : start + total] as payload:
-                transfer_buffer = payload.tobytes()
+                if into is not None:
+                    into[:actual_length] = payload
+                else:
+                    transfer_buffer = payload.tobytes()
         else:
             total = USBIP_HEADER_SIZE
-            transfer_buffer = b""
         self._start = start + total
         self._base += total
         del self._submits[seqnum]
@@ -774,6 +781,8 @@ class ClientConnection(_Connection):
             seqnum = message.seqnum
             _check_ret_against_cmd(message, self._submits[seqnum], base)
             del self._submits[seqnum]
+            if self._into:
+                self._into.pop(seqnum, None)
             # A RET_SUBMIT overtaking the RET_UNLINK of its URB: the unlink stays pending, cancels nothing.
             self._unlinking.pop(seqnum, None)
         elif message_type is RetUnlink:
@@ -791,6 +800,8 @@ class ClientConnection(_Connection):
             if self._unlinking.get(target) == seqnum:
                 del self._unlinking[target]
                 del self._submits[target]
+                if self._into:
+                    self._into.pop(target, None)
         elif message_type is OpRepImport:
             assert isinstance(message, OpRepImport) and isinstance(self._request, OpReqImport)
             if message.status != ST_OK:
@@ -849,11 +860,18 @@ class ClientConnection(_Connection):
         transfer_buffer_length: int,
         transfer_buffer: bytes = b"",
         interval: int = 0,
+        into: memoryview | None = None,
     ) -> list[bytes]:
         """`send_iov(CmdSubmit(...))` of a non-isochronous URB without a SETUP packet (start_frame 0) — the
         same bytes, checks and bookkeeping — without the message object when nothing is unusual (URB
         phase, the imported devid, a fresh seqnum, an endpoint other than ep0, the lengths fit): a host's
-        per-URB path."""
+        per-URB path. `into` (an IN URB's, at least transfer_buffer_length bytes, format "B"): where
+        `next_plain_ret` copies the data (into[:actual_length]; its transfer_buffer is then b""), instead of
+        into a new bytes object; `next_event` still returns a RetSubmit with the bytes."""
+        if into is not None and (
+            direction != _DIR_IN or len(into) < transfer_buffer_length or into.readonly or into.format != "B"
+        ):
+            raise ValueError("into: a writable byte view, as long as transfer_buffer_length, for an IN URB")
         if (
             self._phase is _URB
             and devid == self._devid
@@ -876,8 +894,10 @@ class ClientConnection(_Connection):
                 pass  # a field out of range: send_iov names it
             else:
                 self._submits[seqnum] = (direction, transfer_buffer_length, 0)
+                if into is not None:
+                    self._into[seqnum] = into
                 return [header, transfer_buffer] if transfer_buffer else [header]
-        return self.send_iov(
+        data = self.send_iov(
             CmdSubmit(
                 seqnum=seqnum,
                 devid=devid,
@@ -889,6 +909,9 @@ class ClientConnection(_Connection):
                 transfer_buffer=transfer_buffer,
             )
         )
+        if into is not None:
+            self._into[seqnum] = into
+        return data
 
     def _send_cmd_submit(self, cmd: CmdSubmit) -> list[bytes]:
         if self._phase is not _URB:
