@@ -206,6 +206,16 @@ class _Connection:
 
     # -- receiving -----------------------------------------------------------------------------------------
 
+    def _urb_view(self) -> memoryview | None:
+        """What has been received, as a view, when a whole USB/IP header may be in it during the URB phase
+        (the per-URB fast paths start here); None at the end of a batch."""
+        if self._phase is not _URB or self._end - self._start < USBIP_HEADER_SIZE:
+            return None
+        view = self._view
+        if view is None:
+            view = self._view = memoryview(self._buf)[: self._end]
+        return view
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes from the peer; `b""` means the peer closed its side."""
         if self._error is not None:
@@ -502,12 +512,10 @@ class ServerConnection(_Connection):
         a message object, for a server's per-URB path. Otherwise None and nothing is consumed: call
         `next_event()`, which returns the event, NEED_DATA, or raises the error. Answer it with
         `complete_plain` (or `complete_iov`): the URB is outstanding as any other."""
-        start = self._start
-        if self._phase is not _URB or self._end - start < USBIP_HEADER_SIZE:  # the end of a batch
-            return None
-        view = self._view
+        view = self._urb_view()
         if view is None:
-            view = self._view = memoryview(self._buf)[: self._end]
+            return None
+        start = self._start
         found = read_plain_cmd_submit(view, self.limits, start)
         if found is None:
             return None
@@ -734,12 +742,10 @@ class ClientConnection(_Connection):
         that is not being unlinked, passing every check `next_event()` makes — as a tuple
         (`codec.PlainRet`) instead of a message object, for a host's per-URB path. Otherwise None and
         nothing is consumed: call `next_event()`, which returns the event, NEED_DATA, or raises the error."""
-        start = self._start
-        if self._phase is not _URB or self._end - start < USBIP_HEADER_SIZE:  # the end of a batch
-            return None
-        view = self._view
+        view = self._urb_view()
         if view is None:
-            view = self._view = memoryview(self._buf)[: self._end]
+            return None
+        start = self._start
         header = read_ret_submit_header(view, start)
         if header is None:
             return None
