@@ -452,15 +452,24 @@ _PORT_RE = re.compile(r"^Port (\d+): <Port in Use>", re.M)
 _URL_RE = re.compile(r"->\s+usbip://([^/\s]+)/(\S+)")
 
 
-def imported_ports() -> dict[int, str]:
-    """vhci ports in use, from `usbip port`: {port: 'host:tcpport/busid'}."""
-    return parse_usbip_port(run(["usbip", "port"]).stdout)
+def imported_ports(timeout: float = 10) -> dict[int, str]:
+    """vhci ports in use, from `usbip port`: {port: 'host:tcpport/busid'}. `usbip port` fails now and then
+    while a vhci port changes state ("open vhci_driver": a device still enumerating has no sysfs node yet),
+    so a failure is retried for up to `timeout` s before it is raised."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return parse_usbip_port(run(["usbip", "port"]).stdout)
+        except GuestError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _imported_ports_or_none() -> dict[int, str] | None:
-    # `usbip port` fails now and then while a vhci port changes state ("open vhci_driver"): a poll retries.
+    # For polls, which retry themselves: one try.
     try:
-        return imported_ports()
+        return imported_ports(timeout=0)
     except GuestError:
         return None
 
@@ -489,7 +498,7 @@ def usbip_attach(host: str, busid: str, *, port: int = USBIP_PORT, timeout: floa
 
     def landed() -> int | None:
         try:
-            ports = imported_ports()
+            ports = imported_ports(timeout=0)
         except GuestError:  # `usbip port` fails while the new device is still enumerating (no sysfs node yet)
             return None
         return next((p for p, url in ports.items() if url == want), None)
