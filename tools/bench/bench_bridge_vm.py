@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tools.bench.common import cpu_times, emit, run_guest  # noqa: E402
+
 CHUNK = 1 << 20
 TURN = 8 << 20
 BRIDGE_NAME = "vusb-bench-bridge"
@@ -129,13 +131,6 @@ def control_in_subprocess(sysfs_paths: dict[str, str], iterations: int) -> dict[
     return times
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU time a process has used so far (/proc/PID/stat), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
@@ -195,10 +190,10 @@ def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool, super_
                     vhci_name = Path(disks["vhci"]).name
                     results["vhci_max_sectors_kb"] = int(
                         Path(f"/sys/block/{vhci_name}/queue/max_sectors_kb").read_text())
-                    before = cpu_seconds(bridge.pid)
+                    before = cpu_times(bridge.pid)
                     results["read_mb_s"] = [read_interleaved(disks, size, expected) for _ in range(rounds)]
                     progress("read_mb_s")
-                    user, system = (b - a for b, a in zip(cpu_seconds(bridge.pid), before, strict=True))
+                    user, system = (b - a for b, a in zip(cpu_times(bridge.pid), before, strict=True))
                     commands = rounds * size / (results["max_sectors_kb"] << 10)  # type: ignore[operator]
                     results["bridge_cpu_ms_per_command"] = {"user": round(user / commands * 1e3, 2),
                                                              "system": round(system / commands * 1e3, 2)}
@@ -329,24 +324,15 @@ def main() -> int:
     if args.profile_to is not None:
         return profile_attach(args.profile_to, args.vusb_args)
     if args.guest:
-        print("VUSB-BENCH " + json.dumps(guest_main(args.size_mb, args.rounds, args.iterations, args.profile,
-                                                    args.super_speed)))
+        emit(guest_main(args.size_mb, args.rounds, args.iterations, args.profile, args.super_speed))
         return 0
-    from tools.vm import run_in_vm
-
-    res = run_in_vm(
-        [sys.executable, str(Path(__file__).resolve()), "--guest", "--size-mb", str(args.size_mb),
-         "--rounds", str(args.rounds), "--iterations", str(args.iterations), *(["--profile"] if args.profile else []),
-         *(["--super-speed"] if args.super_speed else [])],
-        cwd=ROOT, timeout=1800,
-        env={"PYTHONPATH": str(ROOT)},
-    )
-    line = next((x for x in res.stdout.splitlines() if x.startswith("VUSB-BENCH ")), None)
-    if res.returncode != 0 or line is None:
-        print(res.stdout[-3000:], res.stderr[-3000:], sep="\n", file=sys.stderr)
-        print(f"benchmark failed in the guest (exit {res.returncode})", file=sys.stderr)
+    results = run_guest(Path(__file__).resolve(),
+                        ["--size-mb", str(args.size_mb), "--rounds", str(args.rounds), "--iterations",
+                         str(args.iterations), *(["--profile"] if args.profile else []),
+                         *(["--super-speed"] if args.super_speed else [])], timeout=1800)
+    if results is None:
         return 1
-    report(json.loads(line.removeprefix("VUSB-BENCH ")))
+    report(results)
     return 0
 
 

@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from emulator.host import import_device  # noqa: E402
 from emulator.msc_host import MassStorage  # noqa: E402
+from tools.bench.common import PYPI_SERVER, cpu_seconds  # noqa: E402
 from tools.bench.rawclient import RawClient  # noqa: E402
 
 MIB = 1 << 20
@@ -71,41 +72,6 @@ _VUSB_SERVER = textwrap.dedent("""
 
     asyncio.run(main())
 """)
-
-# The PyPI package's MSC class takes any object with block_size, num_blocks, read(lba, count) and
-# write(lba, count, data); this one preads the image, as vusb's ImageStore does.
-_PYPI_SERVER = textwrap.dedent("""
-    import os, socket, sys, threading
-    from usbip import core
-    from usbip.classes.device.msc import MSC
-    from usbip.device import USBDevice
-    from usbip.transport import USBIP
-
-    class ImageFile:
-        block_size = 512
-        read_only = True
-
-        def __init__(self, path):
-            self.fd = os.open(path, os.O_RDONLY)
-            self.num_blocks = os.fstat(self.fd).st_size // self.block_size
-
-        def read(self, lba, count):
-            return os.pread(self.fd, count * self.block_size, lba * self.block_size)
-
-        def write(self, lba, count, data):
-            raise OSError("read-only")
-
-    with socket.socket() as probe:  # the package binds a fixed port: find a free one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    device = USBDevice(0x1209, 0x0004, product="PyPI usbip disk", serial="0123456789AB")
-    device.set_speed(core.SPEED_HIGH)
-    device.add(MSC(ImageFile(sys.argv[1]), read_only=True))
-    device.plug(via=USBIP("127.0.0.1", port))
-    print(port, flush=True)
-    threading.Event().wait()
-""")
-
 
 class Server:
     """A server in a child process, and the CPU time it has used (user + system, all threads)."""
@@ -126,8 +92,7 @@ class Server:
         self.port = int(line)
 
     def cpu(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         self.process.kill()
@@ -275,7 +240,7 @@ def main() -> None:
         try:
             vusb = Server("vusb", _VUSB_SERVER, image)
             servers.append(vusb)
-            pypi = Server("PyPI usbip", _PYPI_SERVER, image)
+            pypi = Server("PyPI usbip", PYPI_SERVER, image)
             servers.append(pypi)
             print(
                 f"servers (child processes): vusb on 127.0.0.1:{vusb.port}, PyPI usbip 0.7.0 on "

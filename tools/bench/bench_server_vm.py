@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import mmap
 import os
 import shutil
@@ -39,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tools.bench.common import PYPI_SERVER, cpu_seconds, emit, run_guest  # noqa: E402
 
 CHUNK = 1 << 20
 
@@ -127,7 +128,7 @@ def guest_main(size_mb: int, rounds: int, reference_speed: str) -> dict[str, obj
             results["pypi_missing"] = True
         else:
             procs["pypi"] = stack.enter_context(
-                server_process([sys.executable, "-c", _PYPI_SERVER, str(image), "3301"], 3301)
+                server_process([sys.executable, "-c", PYPI_SERVER, str(image), "3301"], 3301)
             )
             attach(stack, "pypi", "1-1", 3301)
 
@@ -143,42 +144,6 @@ def guest_main(size_mb: int, rounds: int, reference_speed: str) -> dict[str, obj
             results[f"{name}_cpu_ms_per_mib"] = (cpu_seconds(proc.pid) - cpu_before[name]) * 1e3 / (size_mb * rounds)
     guest.wait_for_disk_gone("vhci_hcd")
     return results
-
-
-# The PyPI package's MSC class takes any object with block_size, num_blocks, read(lba, count), write(...).
-_PYPI_SERVER = """
-import os, sys, threading
-from usbip import core
-from usbip.classes.device.msc import MSC
-from usbip.device import USBDevice
-from usbip.transport import USBIP
-
-class ImageFile:
-    block_size = 512
-    read_only = True
-
-    def __init__(self, path):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.num_blocks = os.fstat(self.fd).st_size // self.block_size
-
-    def read(self, lba, count):
-        return os.pread(self.fd, count * self.block_size, lba * self.block_size)
-
-    def write(self, lba, count, data):
-        raise OSError("read-only")
-
-device = USBDevice(0x1209, 0x0004, product="PyPI usbip disk", serial="0123456789AB")
-device.set_speed(core.SPEED_HIGH)
-device.add(MSC(ImageFile(sys.argv[1]), read_only=True))
-device.plug(via=USBIP("127.0.0.1", int(sys.argv[2])))
-threading.Event().wait()
-"""
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads (from /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -259,32 +224,13 @@ def main() -> int:
     parser.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.guest:
-        print("VUSB-BENCH " + json.dumps(guest_main(args.size_mb, args.rounds, args.reference_speed)))
+        emit(guest_main(args.size_mb, args.rounds, args.reference_speed))
         return 0
-    from tools.vm import run_in_vm
-
-    res = run_in_vm(
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--guest",
-            "--size-mb",
-            str(args.size_mb),
-            "--rounds",
-            str(args.rounds),
-            "--reference-speed",
-            args.reference_speed,
-        ],
-        cwd=ROOT,
-        timeout=1200,
-        env={"PYTHONPATH": str(ROOT)},
-    )
-    line = next((x for x in res.stdout.splitlines() if x.startswith("VUSB-BENCH ")), None)
-    if res.returncode != 0 or line is None:
-        print(res.stdout[-3000:], res.stderr[-3000:], sep="\n", file=sys.stderr)
-        print(f"benchmark failed in the guest (exit {res.returncode})", file=sys.stderr)
+    results = run_guest(Path(__file__).resolve(), ["--size-mb", str(args.size_mb), "--rounds", str(args.rounds),
+                                                   "--reference-speed", args.reference_speed], timeout=1200)
+    if results is None:
         return 1
-    report(json.loads(line.removeprefix("VUSB-BENCH ")))
+    report(results)
     return 0
 
 
