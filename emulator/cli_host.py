@@ -107,7 +107,7 @@ timeout_option = click.option("--timeout", default=CONNECT_TIMEOUT, show_default
 
 
 @contextlib.contextmanager
-def _recording(path: Path | None, *, mode: str, address: str, busids: tuple[str, ...] = (),
+def recording(path: Path | None, *, mode: str, address: str, busids: tuple[str, ...] = (),
                devices: tuple[Any, ...] = ()) -> Iterator[Any]:
     """A `captures.record.PcapngRecorder` for `--record` (None without it), closed and summed up at the end.
     Created before anything connects, so a path that cannot be written is one clear error up front."""
@@ -125,7 +125,7 @@ def _recording(path: Path | None, *, mode: str, address: str, busids: tuple[str,
         Console(stderr=True, highlight=False).print(recorder.summary())
 
 
-def _note_import(recorder: Any, device: RemoteDevice, detail: str | None = None) -> None:
+def note_import(recorder: Any, device: RemoteDevice, detail: str | None = None) -> None:
     """Name the imported device in the recording (OP_REP_IMPORT carries only its busid and VID:PID)."""
     if recorder is not None:
         d = device.device_descriptor
@@ -261,10 +261,10 @@ def info_command(host: str, busid: str, port: int, timeout: float, record: Path 
         async with await import_device(host, busid, port, timeout=timeout, tap=tap) as device:
             strings = await _strings(device)
             product = strings.get(device.device_descriptor.i_product)
-            _note_import(recorder, device, f"“{product}”" if product else None)
+            note_import(recorder, device, f"“{product}”" if product else None)
             return describe(device, strings), len(device.raw_configurations)
 
-    with _recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
+    with recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
         tree, _ = asyncio.run(run(recorder))
     _console().print(tree)
 
@@ -283,7 +283,7 @@ async def _open_disk(host: str, busid: str, port: int, timeout: float, lun: int,
     tap = recorder.tap if recorder is not None else None
     async with await import_device(host, busid, port, timeout=timeout, tap=tap) as device:
         msc = await MassStorage(device, lun=lun, max_transfer=max_transfer, urbs_per_command=urbs).open()
-        _note_import(recorder, device, f"(SCSI INQUIRY “{msc.inquiry_data}”)")
+        note_import(recorder, device, f"(SCSI INQUIRY “{msc.inquiry_data}”)")
         yield msc
 
 
@@ -377,7 +377,7 @@ def dump_command(host: str, busid: str, port: int, timeout: float, lun: int, max
     directory = output.resolve().parent
     if not directory.is_dir():
         raise click.BadParameter(f"{directory} is not a directory", param_hint="--output")
-    with _recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
+    with recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
         _dump(console, host, busid, port, timeout, lun, max_transfer, urbs, verify, output, directory, recorder)
 
 
@@ -448,7 +448,7 @@ def write_command(host: str, busid: str, port: int, timeout: float, lun: int, ma
                         raise HostError(f"verification failed: wrote sha256 {digest}, read back {back}")
                     console.print(f"verified: read back {_rate(size, seconds)}, sha256 matches")
 
-    with _recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
+    with recording(record, mode="host", address=f"{host}:{port}", busids=(busid,)) as recorder:
         asyncio.run(run(recorder))
 
 
@@ -560,7 +560,7 @@ def demo_command(size: int, urbs: int, record: Path | None) -> None:
             from captures.record import exported_devices
 
             devices = tuple(exported_devices([device], [f"demo drive, {disk_size / _MIB:.0f} MiB sparse image"]))
-        with _recording(record, mode="server", address="127.0.0.1 (a free port)", devices=devices) as recorder:
+        with recording(record, mode="server", address="127.0.0.1 (a free port)", devices=devices) as recorder:
             asyncio.run(run(recorder))
         mdir = shutil.which("mdir")
         if mdir and how.startswith("a FAT"):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 from rich.console import Console
@@ -226,25 +227,26 @@ def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: 
         _usbip("attach", "-r", host, "-b", busid, port=tcp_port)
         console.print(f"[green]attached[/] {busid} from {host}:{tcp_port} through vhci-hcd (see `vusb port`)")
         return
-    from gadgets.bridge import Bridge, BridgeError
+    from emulator.cli_host import recording
 
     udc = check_environment(udc)
-    recorder = None
-    if record is not None:  # before anything connects: a path that cannot be written is one clear error
-        from captures.record import PcapngRecorder, RecordedDevice
+    # The recorder is made before anything connects: a path that cannot be written is one clear error.
+    with recording(record, mode="host", address=f"{host}:{tcp_port}", busids=(busid,)) as recorder:
+        _bridge(host, busid, tcp_port, udc, name, recorder)
 
-        recorder = PcapngRecorder(record, mode="host", address=f"{host}:{tcp_port}",
-                                  devices=(RecordedDevice(busid),))
+
+def _bridge(host: str, busid: str, tcp_port: int, udc: str, name: str | None, recorder: Any) -> None:
+    """`vusb attach`'s bridge, until Ctrl-C, SIGTERM or the remote going away; `recorder` (or None) records."""
+    from emulator.cli_host import note_import
+    from gadgets.bridge import Bridge, BridgeError
+
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         with Bridge(host, busid, port=tcp_port, udc=udc, name=name,
                     tap=recorder.tap if recorder is not None else None) as bridge:
-            if recorder is not None:
-                assert bridge.image is not None
-                dd = bridge.image.device
-                recorder.annotate(f"imported {busid}: {dd.id_vendor:04x}:{dd.id_product:04x} from "
-                                  f"{host}:{tcp_port}, bridged to a gadget")
-                console.print(f"recording the USB/IP session to {record}")
+            if recorder is not None and bridge.remote.remote is not None:
+                note_import(recorder, bridge.remote.remote, "bridged to a gadget")
+                console.print(f"recording the USB/IP session to {recorder.path}")
             assert bridge.image is not None and bridge.gadget is not None
             d = bridge.image.device
             table = Table(title="vusb bridge", show_header=False)
@@ -271,9 +273,6 @@ def attach_command(host: str, busid: str, tcp_port: int, udc: str | None, name: 
         console.print("detached: gadget unbound and removed, remote released")
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if recorder is not None:
-            recorder.close()
-            console.print(recorder.summary(), highlight=False)
 
 
 @click.command("port")
