@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
+import os
 import socket
 import struct
+import time
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -114,8 +117,11 @@ _SOCKET_BUFFER = 4 << 20
 _NO_SETUP = bytes(8)
 # Plain ints: `|` with an IntFlag member runs enum.py's Python code, once per URB.
 _URB_DIR_IN = int(USBIP_URB_DIR_IN)
+_DIR_IN = int(USBIP_DIR_IN)
+_DIR_OUT = int(USBIP_DIR_OUT)
 _URB_ISO_ASAP = int(URB_ISO_ASAP)
 _READ_BUFFER = 1 << 20
+_HEAD_READ = 4096  # bytes read past a payload bound for an `into`: the next headers, little of the next payload
 _WRITE_HIGH_WATER = 1 << 20
 _CONNECTION_IDS = itertools.count(1)  # a tap's connection ids, unique in the process
 
@@ -342,6 +348,7 @@ class _Link(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._receive = memoryview(bytearray(_READ_BUFFER if self._tap is not None else 0))
+        self._fd = -1  # the socket's, read directly by _read_on (no tap)
         self.closed = self._loop.create_future()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
@@ -356,6 +363,8 @@ class _Link(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        if sock is not None and self._tap is None:
+            self._fd = sock.fileno()
         if self._session_tap is not None:
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 self._session_tap.opened(self.cid, sock.getsockname()[:2], sock.getpeername()[:2])
@@ -363,8 +372,8 @@ class _Link(asyncio.BufferedProtocol):
                 self._session_tap = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._tap is None:  # the kernel writes straight into the core's buffer: no copy per read
-            return self.conn.get_buffer(_READ_BUFFER)
+        if self._tap is None:  # the kernel writes straight into the core's buffer (or a URB's `into`)
+            return self.conn.get_buffers(_HEAD_READ if self.conn.reading_into else _READ_BUFFER)[0]
         return self._receive
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -374,8 +383,31 @@ class _Link(asyncio.BufferedProtocol):
             self._tap(self.cid, False, bytes(self._receive[:nbytes]))
             self.conn.receive_data(self._receive[:nbytes])
         self._pump()
+        if self._fd >= 0 and self.conn.reading_into:
+            self._read_on()
         if self._out:  # what the completions submitted leaves now, not one more turn of the loop later
             self.flush()
+
+    def _read_on(self) -> None:
+        """Read on here, until the socket is empty, while URBs with `into` are pending: one readv puts the
+        rest of a payload into its `into` and the next headers (`_HEAD_READ` bytes) into the core's buffer,
+        so payloads are not copied, and a turn of the event loop still takes all that has arrived. The
+        transport's own next read sees the end of the stream or an error first reported here is fatal."""
+        conn = self.conn
+        fd = self._fd
+        readv = os.readv
+        while self.lost is None and conn.reading_into:
+            try:
+                nbytes = readv(fd, conn.get_buffers(_HEAD_READ))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.abort(DeviceGone(f"the connection to {self.peer} was lost: {exc}"))
+                return
+            if not nbytes:
+                return  # the end of the stream: the transport's next read reports it
+            conn.buffer_updated(nbytes)
+            self._pump()
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
@@ -615,7 +647,13 @@ class RemoteDevice:
         self.port = port
         self.busid = udev.busid
         self.devid = udev.devid
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        # The loop's create_future() and time() without their Python frames when they are asyncio's own.
+        base = asyncio.BaseEventLoop
+        self._new_future: Callable[[], asyncio.Future[UrbResult]] = (
+            functools.partial(asyncio.Future, loop=loop)
+            if type(loop).create_future is base.create_future else loop.create_future)
+        self._time: Callable[[], float] = time.monotonic if type(loop).time is base.time else loop.time
         self._urbs: dict[int, Urb] = {}
         self._unlinks: dict[int, Urb] = {}
         self.device_descriptor = DeviceDescriptor()
@@ -676,7 +714,11 @@ class RemoteDevice:
     def _on_plain(self, ret: PlainRet) -> None:
         urb = self._urbs.pop(ret[0], None)
         if urb is not None:  # else the core rejected it first (pragma: no cover)
-            urb._finish(UrbResult(ret[1], ret[2], ret[5], False, ret[3], ret[4], ()))
+            future = urb.future  # urb._finish(), inline: once per URB
+            if not future.done():
+                future.set_result(UrbResult(ret[1], ret[2], ret[5], False, ret[3], ret[4], ()))
+                if urb.on_done is not None:
+                    urb._call_back()
 
     @staticmethod
     def _iso_results(urb: Urb, ret: RetSubmit) -> tuple[IsoPacketResult, ...]:
@@ -722,6 +764,40 @@ class RemoteDevice:
         if link.lost is not None:
             raise link.lost
         number = endpoint & 0x0F
+        if (  # bulk or interrupt, IN of a length or OUT of bytes: the per-URB path, checked in one test
+            number
+            and not endpoint & 0x70
+            and setup is None
+            and iso_packets is None
+            and (
+                (type(data_or_length) is int and endpoint & 0x80 and data_or_length >= 0
+                 and (into is None or (not into.readonly and into.format == "B" and len(into) >= data_or_length)))
+                or (type(data_or_length) is bytes and not endpoint & 0x80 and into is None)
+            )
+        ):
+            conn = link.conn
+            seqnum = conn.next_seqnum()
+            if type(data_or_length) is int:
+                length = data_or_length
+                buffers = conn.submit_plain(seqnum, self.devid, _DIR_IN, number, transfer_flags | _URB_DIR_IN,
+                                            length, b"", interval, into)
+            else:
+                length = len(data_or_length)
+                buffers = conn.submit_plain(seqnum, self.devid, _DIR_OUT, number, transfer_flags, length,
+                                            data_or_length, interval)
+            link._out.extend(buffers)  # link.queue(), inline
+            if not link._flush_scheduled:
+                link._flush_scheduled = True
+                self._loop.call_soon(link.flush)
+            urb = Urb(seqnum, endpoint, length, self._new_future())
+            urb.on_done = on_done
+            urb.into = into
+            self._urbs[seqnum] = urb
+            if timeout is not None:
+                urb.deadline = deadline = self._time() + timeout
+                if self._watchdog is None or deadline < self._watchdog_when:
+                    self._arm(deadline)
+            return urb
         if endpoint & 0x70:
             raise UnsupportedTransfer(f"endpoint address {endpoint:#04x} has reserved bits set")
         direction = USBIP_DIR_IN if endpoint & 0x80 else USBIP_DIR_OUT

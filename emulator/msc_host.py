@@ -779,8 +779,7 @@ class MassStorage:
             n = min(per, count - started_blocks)
             cdb = _cdb_rw(READ_10, READ_16, lba + started_blocks, n)
             target = out[started_blocks * block_size:(started_blocks + n) * block_size]
-            started = self._start(cdb, n * block_size, b"", self.lun, self.timeout, target)
-            queue.append((started, started_blocks, n))
+            queue.append((self._start_read(cdb, target), started_blocks, n))
             started_blocks += n
 
         try:
@@ -814,23 +813,44 @@ class MassStorage:
                     device.cancel(urb)
             raise
 
+    def _start_read(self, cdb: bytes, into: memoryview) -> _Started:
+        """`_start` of a pipelined READ into `into` (the caller batches the writes): CBW, data, CSW URBs."""
+        submit = self.device.submit
+        timeout = self.timeout
+        tag = self._next_tag()
+        length = len(into)
+        cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, self.lun, len(cdb), cdb)
+        cbw_urb = submit(self.ep_out, cbw, timeout=timeout)
+        if self.urbs_per_command == 1:
+            data_urbs = [submit(self.ep_in, length, timeout=timeout, into=into)]
+        else:
+            self._command_urbs = []
+            data_urbs = self._submit_data(length, b"", self.max_packet_in, timeout, into)
+        csw_urb = submit(self.ep_in, US_BULK_CS_WRAP_LEN, timeout=timeout)
+        return _Started(cdb, tag, length, b"", timeout, cbw_urb, data_urbs, csw_urb, [cbw_urb, *data_urbs, csw_urb])
+
     async def _read_clean(self, started: _Started, target: memoryview) -> bool:
         """Wait for a READ's URBs; True (data in `target`) if every phase went as planned and the CSW
         says GOOD with no residue, False at the first thing that did not (nothing recovered yet)."""
         wait = self.device.wait
-        result = await wait(started.cbw_urb)
+        urb = started.cbw_urb
+        future = urb.future  # a done URB's result without a coroutine for device.wait()
+        result = future.result() if future.done() else await wait(urb)
         if result.status or result.actual_length != US_BULK_CB_WRAP_LEN:
             return False
         position = 0
         for urb in started.data_urbs:
-            result = await wait(urb)
+            future = urb.future
+            result = future.result() if future.done() else await wait(urb)
             if result.status or result.actual_length != urb.length:
                 return False
             if urb.into is None:
                 target[position:position + urb.length] = result.data
             position += urb.length
-        assert started.csw_urb is not None
-        result = await wait(started.csw_urb)
+        urb = started.csw_urb
+        assert urb is not None
+        future = urb.future
+        result = future.result() if future.done() else await wait(urb)
         if result.status or result.actual_length != US_BULK_CS_WRAP_LEN:
             return False
         signature, tag, residue, status = _CSW.unpack(result.data)

@@ -322,14 +322,22 @@ def test_parse_sense_reads_fixed_and_descriptor_formats() -> None:
 # -- several READ commands in flight (commands_in_flight > 1, for servers that serialize a device's URBs) ----
 
 
-@pytest.mark.parametrize("urbs", [1, 4])
-def test_reads_with_several_commands_in_flight_return_the_image_bytes(image: Path, urbs: int) -> None:
+@pytest.mark.parametrize(("urbs", "tapped"), [(1, False), (4, False), (1, True)])
+def test_reads_with_several_commands_in_flight_return_the_image_bytes(image: Path, urbs: int,
+                                                                      tapped: bool) -> None:
+    """Payloads go straight into the caller's buffer (the host reads the socket into each URB's `into`),
+    or, with a tap on the host that must see every byte, through the tap's buffer."""
     original = os.urandom(16 * MIB)
     image.write_bytes(original)
+    received = [0]
+
+    def tap(cid: int, from_client: bool, data: bytes) -> None:
+        if not from_client:
+            received[0] += len(data)
 
     async def main() -> None:
         async with UsbipServer([mass_storage_device(str(image))], port=0) as server, \
-                await import_device("127.0.0.1", "1-1", server.port) as device:
+                await import_device("127.0.0.1", "1-1", server.port, tap=tap if tapped else None) as device:
             msc = await MassStorage(device, commands_in_flight=8, urbs_per_command=urbs).open()
             assert await msc.read_blocks(0, 16 * MIB // 512) == original
             assert await msc.read_blocks(3, 1000) == original[3 * 512:1003 * 512]  # last command short
@@ -339,6 +347,7 @@ def test_reads_with_several_commands_in_flight_return_the_image_bytes(image: Pat
             assert device.pending == 0
 
     run(main())
+    assert (received[0] > 16 * MIB) == tapped
 
 
 @pytest.mark.parametrize("can_stall", [True, False])

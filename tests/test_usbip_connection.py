@@ -895,6 +895,166 @@ def test_any_split_read_into_get_buffer_yields_the_same_events(data):
     assert client_events == pair.client_events
 
 
+def _send_with_into(client, message, intos):
+    """Send `message`; a plain IN CMD_SUBMIT goes through submit_plain with an `into` view (kept in `intos`)."""
+    if type(message) is CmdSubmit and message.direction == USBIP_DIR_IN and not message.number_of_packets > 0:
+        into = memoryview(bytearray(message.transfer_buffer_length + 3))  # longer than needed, as allowed
+        intos[message.seqnum] = into
+        return client.submit_plain(
+            message.seqnum,
+            message.devid,
+            message.direction,
+            message.ep,
+            message.transfer_flags,
+            message.transfer_buffer_length,
+            interval=message.interval,
+            into=into,
+        )
+    return client.send(message)
+
+
+def replay_client_into(stream, chunks, client_sent, limits):
+    """The host's edge: IN URBs with `into`, each read a scatter read into get_buffers(limit) (payloads
+    straight into `into`), then next_plain_ret else next_event until NEED_DATA. RET_SUBMITs as tuples
+    with the data, wherever it went."""
+    client, events, pos, intos = ClientConnection(), [], 0, {}
+    limits = [*limits]
+    client.send(client_sent[0])
+    for size in [*chunks, len(stream)]:
+        chunk = stream[pos : pos + size]
+        pos += size
+        while chunk:
+            buffers = client.get_buffers(max(limits.pop() if limits else 0, 1))
+            assert buffers and all(len(b) for b in buffers)
+            got = 0
+            for buffer in buffers:
+                part = chunk[got : got + len(buffer)]
+                buffer[: len(part)] = part
+                got += len(part)
+            del buffers
+            client.buffer_updated(got)
+            chunk = chunk[got:]
+            while True:
+                plain = client.next_plain_ret()
+                if plain is not None:
+                    seqnum, status, actual, start_frame, error_count, data = plain
+                    if seqnum in intos:
+                        assert data == b""
+                        data = bytes(intos[seqnum][:actual])
+                    events.append(("ret", seqnum, status, actual, start_frame, error_count, data))
+                    continue
+                event = client.next_event()
+                if event is NEED_DATA:
+                    break
+                if type(event) is RetSubmit and not event.iso_packet_descriptors:
+                    event = ("ret", event.seqnum, event.status, event.actual_length, event.start_frame,
+                             event.error_count, event.transfer_buffer)
+                events.append(event)
+                if isinstance(event, OpRepImport):
+                    for message in client_sent[1:]:
+                        _send_with_into(client, message, intos)
+    return events
+
+
+def play_in_traffic(draw):
+    """Mostly IN URBs in flight at once, some unlinked, answered in any order: payloads back to back."""
+    pair = Pair()
+    for _ in range(draw(st.integers(1, 12))):
+        direction = draw(st.sampled_from([USBIP_DIR_IN, USBIP_DIR_IN, USBIP_DIR_IN, USBIP_DIR_OUT]))
+        pair.client_send(pair.make_cmd(draw, direction, draw(st.sampled_from([0, 0, 0, 0, 2]))))
+    pair.deliver_c2s()
+    for target in draw(st.lists(st.sampled_from(sorted(pair.server_urbs)), unique=True, max_size=2)):
+        pair.client_send(CmdUnlink(seqnum=pair.client.next_seqnum(), devid=DEVID, unlink_seqnum=target))
+    pair.deliver_c2s()
+    if draw(st.booleans()):
+        for unlink_seqnum in list(pair.server_unlinks):  # before the URBs complete: they are cancelled
+            pair.answer_unlink(unlink_seqnum)
+    for seqnum in draw(st.permutations(sorted(pair.server_urbs))):
+        pair.complete(draw, seqnum)
+    for unlink_seqnum in list(pair.server_unlinks):
+        pair.answer_unlink(unlink_seqnum)
+    pair.deliver_s2c()
+    return pair
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data(), st.booleans())
+def test_any_split_read_into_get_buffers_with_into_yields_the_same_events(data, busy):
+    """IN payloads read straight into their URBs' `into` views (get_buffers / buffer_updated, any split,
+    any read size) give the answers next_event gives for the same stream, data included."""
+    pair = play_in_traffic(data.draw) if busy else play_conversation(data.draw, data.draw(st.integers(5, 40)))
+    chunks = data.draw(st.lists(st.integers(1, 700), max_size=60))
+    limits = data.draw(st.lists(st.integers(1, 120), max_size=200))
+    full = replay_client(bytes(pair.s2c_log), chunks, pair.client_sent)
+    want = [
+        ("ret", e.seqnum, e.status, e.actual_length, e.start_frame, e.error_count, e.transfer_buffer)
+        if type(e) is RetSubmit and not e.iso_packet_descriptors
+        else e
+        for e in full
+    ]
+    assert replay_client_into(bytes(pair.s2c_log), chunks, pair.client_sent, limits) == want
+
+
+def _into_pair(length=10):
+    client, server = imported_pair()
+    target = bytearray(length)
+    server.receive_data(b"".join(client.submit_plain(1, DEVID, USBIP_DIR_IN, 1, 0, length, into=memoryview(target))))
+    drain(server)
+    ret = server.send(RetSubmit(seqnum=1, actual_length=length, transfer_buffer=bytes(range(65, 65 + length))))
+    return client, server, target, ret
+
+
+def test_get_buffer_gives_the_rest_of_a_payload_bound_for_into():
+    client, _, target, ret = _into_pair()
+    client.receive_data(ret[:52])  # the header and 4 bytes of data
+    assert client.next_plain_ret() is None and client.next_event() is NEED_DATA
+    assert target[:4] == b"ABCD"
+    assert client.trailing_data == (ret[:52], False)
+    view = client.get_buffer(1)
+    assert len(view) == 6  # exactly the missing part of the payload, in `into`
+    view[:2] = ret[52:54]
+    del view
+    client.buffer_updated(2)
+    client.receive_data(ret[54:] + b"\0" * 3)  # the payload's end, then the start of the next message
+    assert client.trailing_data == (b"\0" * 3, False)
+    assert client.next_plain_ret() == (1, 0, 10, 0, 0, b"")
+    assert target == b"ABCDEFGHIJ"
+    assert not client.pending_seqnums
+
+
+def test_eof_inside_a_payload_bound_for_into_is_the_same_truncation_error():
+    client, _, _, ret = _into_pair()
+    plain, server = imported_pair()
+    server.receive_data(
+        plain.send(CmdSubmit(seqnum=1, devid=DEVID, direction=USBIP_DIR_IN, ep=1, transfer_buffer_length=10))
+    )
+    errors = []
+    for conn in (client, plain):
+        conn.receive_data(ret[:55])
+        assert conn.next_plain_ret() is None and conn.next_event() is NEED_DATA
+        conn.receive_data(b"")
+        with pytest.raises(TruncatedMessageError) as error:
+            conn.next_event()
+        errors.append((str(error.value), error.value.offset))
+        assert conn.phase is Phase.ERROR
+    assert errors[0] == errors[1]
+    assert "55 bytes into USBIP_RET_SUBMIT" in errors[0][0]
+
+
+def test_unlink_while_a_payload_goes_into_into_leaves_the_ret_submit_to_next_event():
+    client, server, target, ret = _into_pair()
+    client.receive_data(ret[:50])
+    assert client.next_plain_ret() is None
+    server.receive_data(client.send(CmdUnlink(seqnum=2, devid=DEVID, unlink_seqnum=1)))
+    client.receive_data(ret[50:])
+    assert client.next_plain_ret() is None  # the RET_SUBMIT overtook the unlink: the message path says so
+    event = client.next_event()
+    assert type(event) is RetSubmit and event.transfer_buffer == b"ABCDEFGHIJ" == target
+    assert dict(client.unlinked_seqnums) == {} and dict(client.pending_unlinks) == {2: 1}
+    client.receive_data(pack(RetUnlink(seqnum=2, status=0)))
+    assert client.next_event() == RetUnlink(seqnum=2, status=0)
+
+
 def test_buffer_updated_takes_what_was_read_into_get_buffer_and_0_means_eof():
     server = ServerConnection()
     request = pack(OpReqDevlist())

@@ -135,6 +135,22 @@ Event: TypeAlias = Message | ConnectionClosed
 _Urb: TypeAlias = tuple[int, int, int]
 
 
+class _Direct:
+    """A RET_SUBMIT whose IN payload is being read straight into its URB's `into` view (the client's
+    `get_buffer`): its header as received, its plain tuple, how much of the payload is in, and the stream
+    offset where it began (for errors)."""
+
+    __slots__ = ("base", "got", "header", "into", "length", "plain")
+
+    def __init__(self, header: bytes, plain: PlainRet, into: memoryview, got: int, base: int) -> None:
+        self.header = header
+        self.plain = plain
+        self.into = into
+        self.got = got
+        self.length = plain[2]
+        self.base = base
+
+
 class _Connection:
     """What both sides share: the receive buffer, EOF, phases, error state."""
 
@@ -702,6 +718,7 @@ class ClientConnection(_Connection):
         self._imported: UsbDevice | None = None
         self._last_seqnum = 0
         self._into: dict[int, memoryview] = {}  # IN URB seqnum -> where next_plain_ret puts its data
+        self._direct: _Direct | None = None  # the RET_SUBMIT whose payload is being read into its `into`
 
     def _expectations(self, phase: Phase) -> tuple[type[Message], ...] | None:
         if phase is Phase.OP_REPLY:
@@ -737,11 +754,167 @@ class ClientConnection(_Connection):
             )
         return urb[0]
 
+    # -- IN payloads straight into the caller's buffer ------------------------------------------------------
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        """Bytes received but not consumed, and whether the peer closed (h11's name and meaning)."""
+        direct = self._direct
+        if direct is None:
+            return super().trailing_data
+        head = direct.header + bytes(direct.into[: direct.got]) if direct.got < direct.length else b""
+        return head + bytes(self._buf[self._start : self._end]), self._eof
+
+    @property
+    def reading_into(self) -> bool:
+        """Whether a URB submitted with `into` is pending: its payload goes to `into` when read with
+        `get_buffer`/`get_buffers`, so an edge should read little at a time past a header (`get_buffers`)."""
+        return bool(self._into) or self._direct is not None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        direct = self._direct
+        if direct is not None and data and direct.got < direct.length and not self._eof and self._error is None:
+            if type(data) is memoryview and (data.format != "B" or not data.c_contiguous):
+                data = data.tobytes()
+            took = min(len(data), direct.length - direct.got)
+            direct.into[direct.got : direct.got + took] = data[:took]
+            direct.got += took
+            data = data[took:]
+            if not data:
+                return
+        super().receive_data(data)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the server's next bytes go (see `_Connection.get_buffer`). While the IN payload of a URB
+        submitted with `into` is arriving (its RET_SUBMIT header in, its data not yet whole), that is the
+        missing part of `into`: the payload is read where the caller wants it and never copied."""
+        direct = self._incoming()
+        if direct is not None:
+            return direct.into[direct.got : direct.length]
+        return super().get_buffer(sizehint)
+
+    def get_buffers(self, limit: int = _ROOM) -> list[memoryview]:
+        """`get_buffer` for one scatter read (`os.readv`, `socket.recvmsg_into`): the missing part of a
+        payload arriving into `into`, then `limit` bytes of the receive buffer for what follows it; else the
+        receive buffer's free space, only `limit` bytes of it while a URB with `into` is pending (so that
+        little of its payload lands in the receive buffer before its header is read). Report the total read
+        with `buffer_updated`."""
+        direct = self._incoming()
+        if direct is not None:
+            return [direct.into[direct.got : direct.length], super().get_buffer(limit)[:limit]]
+        view = super().get_buffer(limit)
+        return [view[:limit] if self._into else view]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        direct = self._direct
+        if direct is not None and nbytes > 0 and direct.got < direct.length and not self._eof and self._error is None:
+            took = min(nbytes, direct.length - direct.got)
+            direct.got += took
+            if took == nbytes:
+                return
+            nbytes -= took  # the rest went to the receive buffer's view after the payload's
+        super().buffer_updated(nbytes)
+
+    def _incoming(self) -> _Direct | None:
+        """The RET_SUBMIT whose payload the next bytes belong to, if it goes to an `into`; starts one when the
+        receive buffer holds such a header and only part of its payload."""
+        direct = self._direct
+        if direct is not None:
+            return direct if direct.got < direct.length else None
+        if not self._into or self._eof or self._error is not None:
+            return None
+        view = self._urb_view()
+        if view is None:
+            return None
+        start = self._start
+        header = read_ret_submit_header(view, start)
+        if header is None:
+            return None
+        seqnum, _, actual_length, _, number_of_packets, _ = header
+        if self._end - start - USBIP_HEADER_SIZE >= actual_length:
+            return None  # the whole message is in: next_plain_ret copies it
+        into = self._into.get(seqnum)
+        urb = self._submits.get(seqnum)
+        if (  # what next_plain_ret would take, and nothing else
+            into is None
+            or urb is None
+            or urb[0] != _DIR_IN
+            or urb[2] > 0
+            or not (number_of_packets == 0 or number_of_packets == -1)
+            or actual_length > urb[1]
+            or actual_length > self.limits.max_transfer_buffer_length
+            or seqnum in self._unlinking
+        ):
+            return None
+        del self._into[seqnum]
+        return self._read_into(view, start, header, into)
+
+    def _read_into(
+        self, view: memoryview, start: int, header: tuple[int, int, int, int, int, int], into: memoryview
+    ) -> _Direct:
+        """Go on with the RET_SUBMIT at `start`, whose header is checked and whose payload is partly in, by
+        reading the rest of its payload into `into`: what is in moves there, the receive buffer is empty."""
+        seqnum, status, actual_length, start_frame, _, error_count = header
+        payload = start + USBIP_HEADER_SIZE
+        have = self._end - payload
+        if have:
+            into[:have] = view[payload : self._end]
+        direct = self._direct = _Direct(
+            bytes(view[start:payload]), (seqnum, status, actual_length, start_frame, error_count, b""), into, have,
+            self._base,
+        )
+        self._base += USBIP_HEADER_SIZE + actual_length  # the receive buffer now starts after the payload
+        self._start = self._end = 0
+        self._view = None
+        return direct
+
+    def next_event(self) -> Event | NeedData:
+        if self._direct is not None and self._error is None:
+            return self._direct_event()
+        return super().next_event()
+
+    def _direct_event(self) -> RetSubmit | NeedData:
+        """The message path's answer for a RET_SUBMIT read into `into`: the same RetSubmit (decoded from the
+        same bytes, the data in `into` too), the same checks and errors."""
+        direct = self._direct
+        assert direct is not None
+        if direct.got < direct.length:
+            if not self._eof:
+                return NEED_DATA
+            have = USBIP_HEADER_SIZE + direct.got
+            error = TruncatedMessageError(
+                f"the {self._peer} closed the connection {have} bytes into {message_name(RetSubmit)} that needs "
+                f"at least {USBIP_HEADER_SIZE + direct.length} (stream offset {direct.base + have})",
+                offset=direct.base + have,
+            )
+            self._error = error
+            self._set_phase(Phase.ERROR)
+            raise error
+        self._direct = None
+        result = READERS[RetSubmit](
+            direct.header + bytes(direct.into[: direct.length]), 0, direct.base, self.limits, self._direction_hook
+        )
+        assert type(result) is tuple
+        message, _ = result
+        assert type(message) is RetSubmit
+        self._received(message, direct.base)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s received %r", self._role, message)
+        return message
+
     def next_plain_ret(self) -> PlainRet | None:
         """The next event if it is a plain RET_SUBMIT — the whole answer to a pending non-isochronous URB
         that is not being unlinked, passing every check `next_event()` makes — as a tuple
         (`codec.PlainRet`) instead of a message object, for a host's per-URB path. Otherwise None and
         nothing is consumed: call `next_event()`, which returns the event, NEED_DATA, or raises the error."""
+        direct = self._direct
+        if direct is not None:  # a payload read into `into` (get_buffer): done once it is whole
+            seqnum = direct.plain[0]
+            if direct.got < direct.length or seqnum in self._unlinking or self._debug or self._error is not None:
+                return None
+            self._direct = None
+            del self._submits[seqnum]
+            return direct.plain
         view = self._urb_view()
         if view is None:
             return None
@@ -766,8 +939,8 @@ class ClientConnection(_Connection):
         if urb[0] == _DIR_IN and actual_length:
             total = USBIP_HEADER_SIZE + actual_length
             if self._end - start < total:
-                if into is not None:
-                    self._into[seqnum] = into
+                if into is not None:  # the rest of its payload is read straight into `into`
+                    self._read_into(view, start, header, into)
                 return None
             with view[start + USBIP_HEADER_SIZE : start + total] as payload:
                 if into is not None:
