@@ -121,7 +121,7 @@ _DIR_IN = int(USBIP_DIR_IN)
 _DIR_OUT = int(USBIP_DIR_OUT)
 _URB_ISO_ASAP = int(URB_ISO_ASAP)
 _READ_BUFFER = 1 << 20
-_HEAD_READ = 4096  # bytes read past a payload bound for an `into`: the next headers, little of the next payload
+_HEAD_READ = 512  # bytes read past a payload bound for an `into`: the next headers, little of the next payload
 _WRITE_HIGH_WATER = 1 << 20
 _CONNECTION_IDS = itertools.count(1)  # a tap's connection ids, unique in the process
 
@@ -446,6 +446,8 @@ class _Link(asyncio.BufferedProtocol):
             if on_plain is not None:
                 plain = conn.next_plain_ret()
                 if plain is not None:
+                    if plain is NEED_DATA:
+                        return
                     on_plain(plain)
                     continue
             try:

@@ -764,6 +764,9 @@ def replay_server(stream, chunks, feed=feed_by_copy, hints=()):
 def _plain_or_full(client):
     """next_plain_ret, else next_event, as the host's pump takes them; RET_SUBMITs as comparable tuples."""
     plain = client.next_plain_ret()
+    if plain is NEED_DATA:
+        assert client.next_event() is NEED_DATA  # what next_event says then too
+        return NEED_DATA
     if plain is not None:
         return ("ret", *plain)
     event = client.next_event()
@@ -855,7 +858,7 @@ def test_next_plain_ret_leaves_the_unusual_to_next_event():
     drain(server)
     server.receive_data(client.send(CmdUnlink(seqnum=10, devid=DEVID, unlink_seqnum=unlinked_seq)))
     drain(server)
-    assert client.next_plain_ret() is None  # nothing in
+    assert client.next_plain_ret() is NEED_DATA  # nothing in
     client.receive_data(
         server.send(RetSubmit(seqnum=in_seq, status=-32, actual_length=3, transfer_buffer=b"abc"))
     )
@@ -936,6 +939,9 @@ def replay_client_into(stream, chunks, client_sent, limits):
             chunk = chunk[got:]
             while True:
                 plain = client.next_plain_ret()
+                if plain is NEED_DATA:
+                    assert client.next_event() is NEED_DATA
+                    break
                 if plain is not None:
                     seqnum, status, actual, start_frame, error_count, data = plain
                     if seqnum in intos:
@@ -1007,7 +1013,7 @@ def _into_pair(length=10):
 def test_get_buffer_gives_the_rest_of_a_payload_bound_for_into():
     client, _, target, ret = _into_pair()
     client.receive_data(ret[:52])  # the header and 4 bytes of data
-    assert client.next_plain_ret() is None and client.next_event() is NEED_DATA
+    assert client.next_plain_ret() is NEED_DATA and client.next_event() is NEED_DATA
     assert target[:4] == b"ABCD"
     assert client.trailing_data == (ret[:52], False)
     view = client.get_buffer(1)
@@ -1031,7 +1037,7 @@ def test_eof_inside_a_payload_bound_for_into_is_the_same_truncation_error():
     errors = []
     for conn in (client, plain):
         conn.receive_data(ret[:55])
-        assert conn.next_plain_ret() is None and conn.next_event() is NEED_DATA
+        assert conn.next_plain_ret() in (None, NEED_DATA) and conn.next_event() is NEED_DATA
         conn.receive_data(b"")
         with pytest.raises(TruncatedMessageError) as error:
             conn.next_event()
@@ -1044,7 +1050,7 @@ def test_eof_inside_a_payload_bound_for_into_is_the_same_truncation_error():
 def test_unlink_while_a_payload_goes_into_into_leaves_the_ret_submit_to_next_event():
     client, server, target, ret = _into_pair()
     client.receive_data(ret[:50])
-    assert client.next_plain_ret() is None
+    assert client.next_plain_ret() is NEED_DATA
     server.receive_data(client.send(CmdUnlink(seqnum=2, devid=DEVID, unlink_seqnum=1)))
     client.receive_data(ret[50:])
     assert client.next_plain_ret() is None  # the RET_SUBMIT overtook the unlink: the message path says so

@@ -902,19 +902,27 @@ class ClientConnection(_Connection):
             logger.debug("%s received %r", self._role, message)
         return message
 
-    def next_plain_ret(self) -> PlainRet | None:
+    def next_plain_ret(self) -> PlainRet | NeedData | None:
         """The next event if it is a plain RET_SUBMIT — the whole answer to a pending non-isochronous URB
         that is not being unlinked, passing every check `next_event()` makes — as a tuple
-        (`codec.PlainRet`) instead of a message object, for a host's per-URB path. Otherwise None and
-        nothing is consumed: call `next_event()`, which returns the event, NEED_DATA, or raises the error."""
+        (`codec.PlainRet`) instead of a message object, for a host's per-URB path. NEED_DATA where
+        `next_event()` would return it too: nothing received, or a payload still arriving into `into`.
+        Otherwise None and nothing is consumed: call `next_event()`, which returns the event, NEED_DATA, or
+        raises the error."""
         direct = self._direct
         if direct is not None:  # a payload read into `into` (get_buffer): done once it is whole
             seqnum = direct.plain[0]
-            if direct.got < direct.length or seqnum in self._unlinking or self._debug or self._error is not None:
+            if self._error is not None:
+                return None
+            if direct.got < direct.length:
+                return None if self._eof else NEED_DATA
+            if seqnum in self._unlinking or self._debug:
                 return None
             self._direct = None
             del self._submits[seqnum]
             return direct.plain
+        if self._start == self._end and self._phase is _URB and not self._eof and self._error is None:
+            return NEED_DATA  # the usual end of a batch
         view = self._urb_view()
         if view is None:
             return None
@@ -941,7 +949,7 @@ class ClientConnection(_Connection):
             if self._end - start < total:
                 if into is not None:  # the rest of its payload is read straight into `into`
                     self._read_into(view, start, header, into)
-                return None
+                return None if self._eof else NEED_DATA  # next_event() would wait for the payload too
             with view[start + USBIP_HEADER_SIZE : start + total] as payload:
                 if into is not None:
                     into[:actual_length] = payload
