@@ -22,20 +22,26 @@ as the TCP conversation they were, in one pcapng interface of link type Ethernet
 
 Cost and durability: a tap call frames what the socket moved and writes it with one `writev` before it returns,
 on the edge's own thread: the frame headers are packed in one pass over the call's buffers and the payload goes to
-the kernel as the edge's buffers (or views of them), never copied in Python. No queue and no recorder thread:
+the kernel as the edge's buffers (or views of them), never copied in Python. READ data the server sendfiles from
+a read-only image comes as a file region (`SessionTap.data_parts`), copied into the recording file to file by
+`copy_file_range` between the writes of its frames' headers and tails (pread and write where the kernel cannot
+copy between the two files); either way the recording costs one copy of the data into the page cache, which no
+framing can avoid (tools/bench/bench_record.py measures it as its floor). No queue and no recorder thread:
 with one core per process (server and client of a loopback benchmark) a thread has no free core to run on, and
 its GIL hand-overs cost more than the write. A tap that gets a reply batch as the buffers the edge passes to
 `sendmsg` (`SessionTap.data_iov`) records it without the edge joining them. So what a peer was sent is in the
 page cache when the call returns: a crash of the process loses nothing already sent (a SIGKILL landing inside a
 write can cut that last block short; tshark reads everything before it). No fsync: a machine crash can lose what
-the page cache held. When the file cannot be written (disk full, quota, file size limit, I/O error) the recorder
-cuts it back to the last whole block, logs one error and stops recording; the session it watched goes on. An
+the page cache held. When the file cannot be written (disk full, quota, file size limit, I/O error), or a
+region's file ends before the region does (an image that shrank under the server), the recorder cuts it back to
+the last whole block, logs one error and stops recording; the session it watched goes on. An
 exception inside the recorder is handled the same way: recording must never take a server down.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import logging
@@ -53,6 +59,7 @@ from captures import wire
 from captures.errors import CaptureError
 from captures.reader import LINKTYPE_ETHERNET
 from emulator import __version__
+from emulator.devices.base import FileRegion
 from emulator.tap import Address
 from emulator.usbip.constants import (
     USBIP_CMD_SUBMIT,
@@ -91,6 +98,18 @@ _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by caplen % 4
 _MAX_SEGMENT = wire.MAX_SEGMENT
 # a frame's end: padding to 32 bits and the block's length again, indexed by the padding's size
 _TAILS = tuple(struct.Struct(f"<{pad}xI").pack for pad in range(4))
+# copy_file_range cannot copy between these two files (another filesystem, a block device, an old kernel)
+_NO_COPY = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
+
+_Piece = bytes | bytearray | memoryview | FileRegion  # what a tap call's parts may be (emulator.tap.PartsTap)
+
+
+def _read(parts: Sequence[_Piece]) -> Sequence[bytes | bytearray | memoryview]:
+    """`parts` with any file region read into bytes, for the recorder's general path (OSError if a file ended
+    before its region did)."""
+    if not any(type(part) is FileRegion for part in parts):
+        return parts  # type: ignore[return-value]  # no region among them
+    return [bytes(part) if type(part) is FileRegion else part for part in parts]  # type: ignore[misc]
 
 
 def _segment(layout: _Layout, hi: int, lo: int, filled: int, ip_id: int, own: int,
@@ -363,13 +382,14 @@ def _layout(tcp: wire.TcpFrames, to_server: bool) -> _Layout:
 class _EdgeTap:
     """A `SessionTap` (and plain tap) feeding one recorder, with its own space of connection ids."""
 
-    __slots__ = ("_edge", "_recorder", "data", "data_iov")
+    __slots__ = ("_edge", "_recorder", "data", "data_iov", "data_parts")
 
     def __init__(self, recorder: PcapngRecorder, edge: int) -> None:
         self._recorder = recorder
         self._edge = edge
         # bound once: a tap call is one Python call into the recorder, not a method lookup and a forward
         self.data_iov = functools.partial(recorder._on_data, edge)
+        self.data_parts = self.data_iov  # file regions are welcome: copied file to file (`_write`)
         self.data = functools.partial(recorder._on_chunk, edge)
 
     def opened(self, cid: int, client: Address, server: Address) -> None:
@@ -417,6 +437,8 @@ class PcapngRecorder:
         self._lock = threading.Lock()
         self._closed = False
         self._off = False  # closed, or stopped by an error: tap calls return at once
+        self._regions = False  # the frames being written hold a file region (`_frame_server` sets it)
+        self._copy_file_range = True  # until the kernel says it cannot copy between these files
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -495,10 +517,9 @@ class PcapngRecorder:
     def _on_chunk(self, edge: int, cid: int, from_client: bool, data: bytes | memoryview) -> None:
         self._on_data(edge, cid, from_client, (data,))
 
-    def _on_data(
-        self, edge: int, cid: int, from_client: bool, parts: Sequence[bytes | bytearray | memoryview]
-    ) -> None:
-        """`parts`, in order, crossed connection `cid` of tap `edge` (one socket write or read)."""
+    def _on_data(self, edge: int, cid: int, from_client: bool, parts: Sequence[_Piece]) -> None:
+        """`parts`, in order, crossed connection `cid` of tap `edge` (one socket write or read; a file region
+        is bytes of a file the edge sends without reading them)."""
         if self._off:
             return
         stamp = time.time_ns()
@@ -516,10 +537,17 @@ class PcapngRecorder:
                     size = self._frame_client(out, conn, layouts[1], stamp, parts)
                 else:
                     size = self._frame_server(out, conn, layouts[0], stamp, parts)
+            except OSError as exc:  # a region read for the general path: its file ended early
+                self._fail(exc.strerror or str(exc))
+                return
             except Exception as exc:  # a recorder bug must not break the session
                 self._fail(f"internal error: {exc!r}", exc)
                 return
             try:
+                if self._regions:  # file regions among the buffers: writev and copy_file_range in turn
+                    self._regions = False
+                    self._write(out)
+                    return
                 if len(out) <= _IOV_MAX:  # _write's usual case, inline
                     if os.writev(self._fd, out) == size:
                         self._offset += size
@@ -535,12 +563,12 @@ class PcapngRecorder:
         conn: _Conn,
         layout: _Layout,
         stamp: int,
-        parts: Sequence[bytes | bytearray | memoryview],
+        parts: Sequence[_Piece],
     ) -> int:
         """`_frame_data` for the server's usual bytes (RET_SUBMITs of an IPv4 connection), in one loop: each
-        message's buffers (or views of them) go to `out` between its frames' headers and tails. At anything
-        else at a message start, what follows goes to `_frame_data`, which takes over at that boundary.
-        Returns the bytes in `out`."""
+        message's buffers (or views of them, or file regions, whole or cut) go to `out` between its frames'
+        headers and tails. At anything else at a message start, what follows goes to `_frame_data`, which
+        takes over at that boundary. Returns the bytes in `out`."""
         stream = conn.streams[False]
         if stream.raw or stream.head or stream.comment is not None:
             self._frame_data(out, conn.key, stamp, False, parts)
@@ -564,13 +592,16 @@ class PcapngRecorder:
         done = 0  # bytes of `parts` framed
         index = 0
         for part in parts:
+            region = type(part) is FileRegion
+            if region:
+                self._regions = True
             n = len(part)
             pos = 0
             while pos < n:
                 if not remaining:  # a message starts: the usual RET_SUBMIT, or hand over
-                    if n - pos < 48:
+                    if n - pos < 48 or region:
                         break
-                    command, seqnum, length, packets = peek(part, pos)
+                    command, seqnum, length, packets = peek(part, pos)  # type: ignore[arg-type]  # not a region
                     if (
                         command != USBIP_RET_SUBMIT
                         or (packets and packets != 0xFFFFFFFF)
@@ -592,7 +623,11 @@ class PcapngRecorder:
                         take = remaining
                     if take > _MAX_SEGMENT - filled:
                         take = _MAX_SEGMENT - filled
-                    append(memoryview(part)[pos : pos + take])
+                    append(
+                        FileRegion(part.fd, part.offset + pos, take)  # type: ignore[union-attr]
+                        if region
+                        else memoryview(part)[pos : pos + take]  # type: ignore[arg-type]
+                    )
                     pos += take
                     filled += take
                     remaining -= take
@@ -629,8 +664,11 @@ class PcapngRecorder:
         if index < len(parts):
             part = parts[index]
             skip = done - sum(len(p) for p in parts[:index])
-            rest = [memoryview(part)[skip:] if skip else part, *parts[index + 1 :]]
-            self._frame_data(out, conn.key, stamp, False, rest)
+            if skip and type(part) is FileRegion:
+                part = FileRegion(part.fd, part.offset + skip, part.length - skip)
+            elif skip:
+                part = memoryview(part)[skip:]  # type: ignore[arg-type]
+            self._frame_data(out, conn.key, stamp, False, [part, *parts[index + 1 :]])
             return sum(map(len, out))
         return size
 
@@ -640,20 +678,20 @@ class PcapngRecorder:
         conn: _Conn,
         layout: _Layout,
         stamp: int,
-        parts: Sequence[bytes | bytearray | memoryview],
+        parts: Sequence[_Piece],
     ) -> int:
         """`_frame_data` for the client's usual bytes (whole CMD_SUBMITs in one buffer, IPv4): the directions
         noted, the buffer framed as one segment. Anything else goes to `_frame_data` (noting a direction twice
         is harmless). Returns the bytes in `out`."""
         stream = conn.streams[True]
-        data = parts[0] if len(parts) == 1 else b""
+        data = parts[0] if len(parts) == 1 and type(parts[0]) is not FileRegion else b""
         n = len(data)
         pos = 0
         if 0 < n <= _MAX_SEGMENT and not (stream.raw or stream.head or stream.remaining or stream.comment):
             peek = _CMD_PEEK.unpack_from
             directions = conn.directions
             while n - pos >= 48:
-                command, seqnum, direction, length, packets = peek(data, pos)
+                command, seqnum, direction, length, packets = peek(data, pos)  # type: ignore[arg-type]
                 if command != USBIP_CMD_SUBMIT or direction > 1 or packets or not 0 <= length <= _MAX_LENGTH:
                     break
                 directions[seqnum] = direction
@@ -733,10 +771,12 @@ class PcapngRecorder:
         key: tuple[int, int],
         stamp: int,
         from_client: bool,
-        parts: Sequence[bytes | bytearray | memoryview],
+        parts: Sequence[_Piece],
     ) -> None:
         """The frames of one tap call: a segment per server message (split at 65495 bytes), one for the client's
-        socket write. Payload goes into `out` as the caller's buffers, or views of them, never copied."""
+        socket write. Payload goes into `out` as the caller's buffers, or views of them, never copied (file
+        regions are read: this is the path for what is not the usual traffic)."""
+        parts = _read(parts)
         conn = self._conns.get(key)
         if conn is None:  # a plain tap, or bytes before `opened`: made-up endpoints
             conn = self._open_conn(
@@ -831,28 +871,74 @@ class PcapngRecorder:
         self.frames += 1
 
     def _write(self, parts: list[Any]) -> None:
-        """Write a tap call's whole frames with one `writev` (more only past IOV_MAX buffers); on failure the
-        file is cut back to where they began, so it ends with a whole block (the caller reports the error)."""
+        """Write a tap call's whole frames in order: buffers with one `writev` per run of them (more only past
+        IOV_MAX buffers), each file region between them copied file to file in the kernel (`_copy`). On
+        failure the file is cut back to where they began, so it ends with a whole block (the caller reports
+        the error)."""
         if not parts:
             return
         fd = self._fd
         start = self._offset
         try:
-            for i in range(0, len(parts), _IOV_MAX):
-                group = parts[i : i + _IOV_MAX] if len(parts) > _IOV_MAX else parts
-                done = os.writev(fd, group)
-                size = sum(map(len, group))
-                if done < size:  # a regular file writes short only at a limit: finish, or get the error
-                    rest = memoryview(b"".join(group))[done:]
-                    while rest:
-                        rest = rest[os.write(fd, rest) :]
-                self._offset += size
+            run: list[Any] = []
+            for part in parts:
+                if type(part) is FileRegion:
+                    self._writev(fd, run)
+                    run = []
+                    self._copy(fd, part)
+                    continue
+                run.append(part)
+                if len(run) == _IOV_MAX:
+                    self._writev(fd, run)
+                    run = []
+            self._writev(fd, run)
         except OSError:
             self._offset = start
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
                 os.lseek(fd, start, os.SEEK_SET)
             raise
+
+    def _writev(self, fd: int, buffers: list[Any]) -> None:
+        if not buffers:
+            return
+        done = os.writev(fd, buffers)
+        size = sum(map(len, buffers))
+        if done < size:  # a regular file writes short only at a limit: finish, or get the error
+            rest = memoryview(b"".join(buffers))[done:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+        self._offset += size
+
+    def _copy(self, fd: int, region: FileRegion) -> None:
+        """Append `region`'s bytes: copy_file_range(2), one copy from page cache to page cache and none
+        through Python; pread and write where the kernel cannot copy between the two files. OSError
+        if the file ends before the region does."""
+        source, offset, left = region.fd, region.offset, region.length
+        while left:
+            if self._copy_file_range:
+                try:
+                    done = os.copy_file_range(source, fd, left, offset)
+                except OSError as exc:
+                    if exc.errno not in _NO_COPY:
+                        raise
+                    self._copy_file_range = False
+                    continue
+            else:
+                data = os.pread(source, min(left, 1 << 20), offset)
+                done = len(data)
+                rest = memoryview(data)
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
+            if not done:
+                raise OSError(
+                    errno.ENODATA,
+                    f"the file of a region being sent ended at byte {offset}, before the region's end at "
+                    f"{region.offset + region.length} (did the image shrink?)",
+                )
+            offset += done
+            left -= done
+            self._offset += done
 
     def _fail(self, why: str, exc: BaseException | None = None) -> None:
         if self.error is not None:

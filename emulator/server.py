@@ -35,7 +35,7 @@ from typing import cast
 
 from emulator.devices.base import Device, FileRegion, Reply, TransferStatus
 from emulator.errors import VusbError
-from emulator.tap import SessionTap, Tap, data_callback, iov_callback, session_tap
+from emulator.tap import SessionTap, Tap, data_callback, parts_callback, session_tap
 from emulator.usb.setup import SetupPacket
 from emulator.usbip import (
     NEED_DATA,
@@ -463,10 +463,8 @@ class _Session:
         if regions is None:
             regions = any(type(part) is FileRegion for part in parts)
         tap = self.server.tap_iov
-        if (
-            tap is not None
-        ):  # the buffers of this write, not joined (a region read for it: a recording's cost)
-            tap(self.cid, False, list(map(_as_bytes, parts)) if regions else cast(list[bytes], parts))
+        if tap is not None:  # the parts of this write as they are: a region is the tap's to read or copy
+            tap(self.cid, False, parts)
         out = self._out
         if regions:
             if out:  # behind what waits: as bytes, which `_flush` can write
@@ -728,7 +726,8 @@ class UsbipServer:
         self.port = port
         self.limits = limits
         self.tap = data_callback(tap)
-        self.tap_iov = iov_callback(tap)  # what the sessions call: a socket read or write as its buffers
+        # What the sessions call: a socket read or write as its parts (regions of a write unread, emulator.tap)
+        self.tap_iov = parts_callback(tap)
         self._session_tap = session_tap(tap)  # also told of connections opening and closing (emulator.tap)
         self._listeners: list[socket.socket] = []
         self._sessions: set[_Session] = set()

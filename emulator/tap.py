@@ -18,12 +18,21 @@ A tap may also have `data_iov(cid, from_client, buffers)`: the same as `data` wi
 buffers of one socket write (what `sendmsg` takes, e.g. a RET_SUBMIT header and its transfer buffer), so the edge
 need not join them. Edges call it through `iov_callback`, which joins for a tap without it. The buffers are the
 edge's: valid during the call only (it may reuse them after), so a tap copies what it keeps.
+
+A tap may also have `data_parts(cid, from_client, parts)`: `data_iov` whose parts may include a
+`emulator.devices.base.FileRegion` (file bytes the server will sendfile, not read into Python). A tap that
+writes to a file can copy them file to file in the kernel (`os.copy_file_range`) instead of the edge reading
+them into bytes for it. The server calls it through `parts_callback`, which reads regions into bytes for a
+tap without it (what every other tap gets).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from emulator.devices.base import FileRegion
 
 Address = tuple[str, int]
 """(host, port) as the socket reports it (IPv6 addresses without brackets)."""
@@ -33,6 +42,9 @@ Tap = Callable[[int, bool, bytes], None]
 
 IovTap = Callable[[int, bool, Sequence[bytes | bytearray | memoryview]], None]
 """`data_iov`: (connection id, True if client→server, the buffers of one socket read or write, in order)."""
+
+PartsTap = Callable[[int, bool, Sequence["bytes | bytearray | memoryview | FileRegion"]], None]
+"""`data_parts`: `IovTap` whose parts may also be file regions (emulator.devices.base.FileRegion)."""
 
 
 @runtime_checkable
@@ -73,9 +85,35 @@ def iov_callback(tap: Tap | SessionTap | None) -> IovTap | None:
     return joined
 
 
+def parts_callback(tap: Tap | SessionTap | None) -> PartsTap | None:
+    """The parts callback of a tap (None for no tap): its own `data_parts`, or its buffers callback with any
+    file region read into bytes (`bytes(region)`: raises OSError if the file ended before the region did)."""
+    own: PartsTap | None = getattr(tap, "data_parts", None)
+    if own is not None:
+        return own
+    iov = iov_callback(tap)
+    if iov is None:
+        return None
+
+    def read(cid: int, from_client: bool, parts: Sequence[bytes | bytearray | memoryview | FileRegion]) -> None:
+        iov(cid, from_client, [p if isinstance(p, (bytes, bytearray, memoryview)) else bytes(p) for p in parts])
+
+    return read
+
+
 def session_tap(tap: Tap | SessionTap | None) -> SessionTap | None:
     """`tap` if it wants open/close notifications, else None."""
     return tap if isinstance(tap, SessionTap) else None
 
 
-__all__ = ["Address", "IovTap", "SessionTap", "Tap", "data_callback", "iov_callback", "session_tap"]
+__all__ = [
+    "Address",
+    "IovTap",
+    "PartsTap",
+    "SessionTap",
+    "Tap",
+    "data_callback",
+    "iov_callback",
+    "parts_callback",
+    "session_tap",
+]

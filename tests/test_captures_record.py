@@ -726,3 +726,181 @@ def test_iov_callback_gives_a_recorder_its_own_data_iov_and_a_plain_tap_the_join
     with PcapngRecorder(tmp_path / "i.pcapng", mode="server", address="x") as recorder:
         tap = recorder.tap
         assert iov_callback(tap) is tap.data_iov
+
+
+# -- file regions: READ data the server sendfiles, copied file to file ----------------------------------------
+
+
+def _server_file(tmp_path: Path, messages: list[tuple[bool, bytes]]) -> tuple[int, list[int]]:
+    """The server's messages of `messages` laid end to end in a file (opened read-only) and where each begins."""
+    path = tmp_path / "sent.bin"
+    offsets = []
+    with path.open("wb") as f:
+        for _, message in messages:
+            offsets.append(f.tell())
+            f.write(message)
+    return os.open(path, os.O_RDONLY), offsets
+
+
+def _record_with_regions(path: Path, messages: list[tuple[bool, bytes]], fd: int, offsets: list[int],
+                         shape: str) -> PcapngRecorder:
+    """`messages` through a recorder's `data_parts`: each server message with a payload as its header and its
+    payload as a file region (`shape` "cut": the region in two; "whole": the whole message a region, which
+    starts a message, the recorder's general path); client messages as bytes."""
+    from emulator.devices.base import FileRegion
+
+    with PcapngRecorder(path, mode="server", address="test") as recorder:
+        tap = recorder.tap
+        tap.opened(1, ("127.0.0.1", 40000), ("127.0.0.1", 3240))
+        for (direction, message), offset in zip(messages, offsets, strict=True):
+            if direction or len(message) <= 48 or message[:4] != b"\0\0\0\3":
+                tap.data_parts(1, direction, [message])
+            elif shape == "whole":
+                tap.data_parts(1, direction, [FileRegion(fd, offset, len(message))])
+            elif shape == "cut":
+                middle = (len(message) - 48) // 3
+                tap.data_parts(1, direction, [message[:48], FileRegion(fd, offset + 48, middle),
+                                              FileRegion(fd, offset + 48 + middle, len(message) - 48 - middle)])
+            else:
+                tap.data_parts(1, direction, [message[:48], FileRegion(fd, offset + 48, len(message) - 48)])
+        tap.closed(1, "done")
+    return recorder
+
+
+@pytest.mark.parametrize("shape", ["payload", "cut", "whole"])
+def test_file_regions_are_recorded_as_the_bytes_they_hold(tmp_path: Path, shape: str) -> None:
+    """A RET_SUBMIT whose data is a file region (what the server sendfiles from a read-only image) records
+    exactly as its bytes would: same segments (120 KiB split at 65495), the same frames, legal IPv4."""
+    messages = _synthetic_session()
+    fd, offsets = _server_file(tmp_path, messages)
+    try:
+        regions = _record_with_regions(tmp_path / "regions.pcapng", messages, fd, offsets, shape)
+    finally:
+        os.close(fd)
+    with PcapngRecorder(tmp_path / "bytes.pcapng", mode="server", address="test") as recorder:
+        tap = recorder.tap
+        tap.opened(1, ("127.0.0.1", 40000), ("127.0.0.1", 3240))
+        for direction, message in messages:
+            tap.data(1, direction, message)
+        tap.closed(1, "done")
+    assert regions.error is None
+    assert tcp_segments(tmp_path / "regions.pcapng") == tcp_segments(tmp_path / "bytes.pcapng")
+    assert regions.frames == recorder.frames
+    recorded = (tmp_path / "regions.pcapng").read_bytes()
+    assert whole_blocks(recorded) == len(recorded) == regions.size
+    analysis = analyze(tmp_path / "regions.pcapng")
+    assert [c.data_bytes for c in analysis.scsi_commands] == [122880] * 3
+
+
+def test_file_regions_fall_back_to_read_and_write_where_copy_file_range_cannot_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another filesystem (EXDEV), a block device (EINVAL): the recorder reads the region and writes it."""
+    import errno
+
+    calls = []
+
+    def cannot(*args: Any) -> int:
+        calls.append(args)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", cannot)
+    messages = _synthetic_session()
+    fd, offsets = _server_file(tmp_path, messages)
+    try:
+        recorder = _record_with_regions(tmp_path / "fallback.pcapng", messages, fd, offsets, "payload")
+    finally:
+        os.close(fd)
+    assert recorder.error is None
+    assert len(calls) == 1  # asked once, then read and written
+    sent = [m for d, m in messages if not d]
+    assert b"".join(p for d, p in tcp_segments(tmp_path / "fallback.pcapng") if not d) == b"".join(sent)
+
+
+def _read_reply(tmp_path: Path) -> tuple[bytes, bytes, bytes]:
+    """A CMD_SUBMIT (bulk IN, 64 KiB), its RET_SUBMIT header, and 64 KiB of data."""
+    cmd = pack(CmdSubmit(seqnum=1, devid=0x10002, direction=1, ep=1, transfer_buffer_length=65536))
+    ret = pack(RetSubmit(seqnum=1, actual_length=65536, transfer_buffer=bytes(65536)))[:48]
+    return cmd, ret, os.urandom(65536)
+
+
+def test_image_shorter_than_its_region_stops_recording_at_the_last_whole_block(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image shrank under a READ (the server's sendfile fails on it too): the recorder cannot write what
+    the frame headers promise, so it cuts the file back to before that tap call, logs one error and stops.
+    The tap call returns normally: the session is the server's business."""
+    from emulator.devices.base import FileRegion
+
+    cmd, ret, data = _read_reply(tmp_path)
+    image = tmp_path / "short.img"
+    image.write_bytes(data[:40000])
+    fd = os.open(image, os.O_RDONLY)
+    path = tmp_path / "short.pcapng"
+    try:
+        with caplog.at_level(logging.ERROR, logger="captures.record"), \
+                PcapngRecorder(path, mode="server", address="x") as recorder:
+            tap = recorder.tap
+            tap.opened(1, ("127.0.0.1", 40000), ("127.0.0.1", 3240))
+            tap.data_parts(1, True, [cmd])
+            before = recorder.size
+            tap.data_parts(1, False, [ret, FileRegion(fd, 0, 65536)])
+            assert recorder.size == before
+            tap.data_parts(1, True, [cmd])  # ignored from now on
+    finally:
+        os.close(fd)
+    assert recorder.error is not None and "ended at byte 40000" in recorder.error
+    assert sum("ended at byte 40000" in r.getMessage() for r in caplog.records) == 1
+    recorded = path.read_bytes()
+    assert len(recorded) == before == whole_blocks(recorded)
+    assert [d for d, _ in tcp_segments(recorded)] == [True]  # the CMD_SUBMIT, nothing of the reply
+
+
+def test_file_size_limit_inside_a_region_copy_cuts_back_to_the_last_whole_block(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE reached halfway through a region's copy_file_range (EFBIG; ENOSPC takes the same path):
+    the partial frames of that tap call go, the file ends on the block before them, recording stops."""
+    from emulator.devices.base import FileRegion
+
+    cmd, ret, data = _read_reply(tmp_path)
+    image = tmp_path / "data.img"
+    image.write_bytes(data)
+    fd = os.open(image, os.O_RDONLY)
+    path = tmp_path / "limit.pcapng"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        with PcapngRecorder(path, mode="server", address="x") as recorder:
+            tap = recorder.tap
+            tap.opened(1, ("127.0.0.1", 40000), ("127.0.0.1", 3240))
+            tap.data_parts(1, True, [cmd])
+            before = recorder.size
+            resource.setrlimit(resource.RLIMIT_FSIZE, (before + 30000, hard))  # Python ignores SIGXFSZ
+            try:
+                tap.data_parts(1, False, [ret, FileRegion(fd, 0, 65536)])
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            assert recorder.error == "File too large"
+    finally:
+        os.close(fd)
+    recorded = path.read_bytes()
+    assert len(recorded) == before == whole_blocks(recorded)
+    assert [d for d, _ in tcp_segments(recorded)] == [True]
+
+
+def test_parts_callback_gives_a_recorder_its_data_parts_and_other_taps_the_regions_read(tmp_path: Path) -> None:
+    from emulator.devices.base import FileRegion
+    from emulator.tap import parts_callback
+
+    (tmp_path / "f.bin").write_bytes(b"0123456789")
+    fd = os.open(tmp_path / "f.bin", os.O_RDONLY)
+    try:
+        plain = Streams()
+        read = parts_callback(plain)
+        assert read is not None
+        read(1, False, [b"ab", FileRegion(fd, 3, 4), memoryview(b"cd")])
+        assert plain.data[False] == b"ab3456cd"
+    finally:
+        os.close(fd)
+    assert parts_callback(None) is None
+    with PcapngRecorder(tmp_path / "p.pcapng", mode="server", address="x") as recorder:
+        tap = recorder.tap
+        assert parts_callback(tap) is tap.data_parts
