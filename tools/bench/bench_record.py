@@ -8,7 +8,17 @@ pace; the bytes land in one buffer and are hashed after the clock stops. Runs al
 fastest of `--repeat` counts for each; every run checks the bytes (sha256) and every recording is checked to
 hold the whole transfer (`captures.transactions.analyze`: every READ(10) paired, its data bytes counted).
 
-It prints MiB/s off and on, the ratio on ÷ off (target >= 0.9), and the recording's size and frames.
+It prints MiB/s off and on, the ratio on ÷ off (target >= 0.9), and the recording's size and frames. Then,
+measured in the same run, what bounds that ratio on this machine:
+
+* the floor: copying the image's bytes into a fresh file beside the recording (one `copy_file_range`, the
+  recorder's own way for read-only images, and `write()` from a buffer in memory, 64 KiB a call), the least
+  any recording of those bytes costs; the best ratio the arithmetic allows when that copy runs in series with
+  the server's work (off time ÷ (off time + floor)), as the recorder's durability rule has it, and if it cost
+  the server nothing and ran on another core (off time ÷ the CPU time of server, client and floor shared
+  over the machine's cores, or the off time);
+* the same read of an image served writable (no `--read-only`: no sendfile, the READ data goes through
+  Python as bytes), off and on, for the ratio where the server's own path already copies the data.
 
     .venv/bin/python tools/bench/bench_record.py [--size-mib 64] [--repeat 3] [--depth 4]
 """
@@ -35,8 +45,11 @@ from tools.bench.rawclient import RawClient  # noqa: E402
 MIB = 1 << 20
 CHUNK = 64 * 1024
 
-def serve(image: Path, record: Path | None) -> tuple[subprocess.Popen[str], int]:
-    args = [sys.executable, "-m", "emulator.cli", "serve", "--port", "0", "--disk", str(image), "--read-only"]
+
+def serve(image: Path, record: Path | None, read_only: bool = True) -> tuple[subprocess.Popen[str], int]:
+    args = [sys.executable, "-m", "emulator.cli", "serve", "--port", "0", "--disk", str(image)]
+    if read_only:
+        args.append("--read-only")
     if record is not None:
         args += ["--record", str(record)]
     child = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
@@ -68,6 +81,67 @@ def stop(child: subprocess.Popen[str]) -> None:
         child.wait()
 
 
+class Run:
+    """One read of the whole image from a fresh `vusb serve`: wall seconds, server and client CPU seconds."""
+
+    def __init__(self, image: Path, size: int, depth: int, expected: str, record: Path | None,
+                 read_only: bool) -> None:
+        child, port = serve(image, record, read_only)
+        try:
+            client = RawClient(port)
+            buffer = bytearray(size)
+            before = cpu_seconds(child.pid)
+            start, client_start = time.perf_counter(), time.process_time()
+            client.read(memoryview(buffer), chunk=CHUNK, depth=depth)
+            self.seconds = time.perf_counter() - start
+            self.client_cpu = time.process_time() - client_start
+            # Before the close: the session's thread (its CPU in task/*/schedstat) ends with the
+            # connection. Every reply has been received, so the server has nothing left to send.
+            self.server_cpu = cpu_seconds(child.pid) - before
+            client.close()
+            digest = hashlib.sha256(buffer).hexdigest()
+        finally:
+            stop(child)
+        if digest != expected:
+            raise SystemExit("wrong bytes read")
+
+
+def check_recording(recording: Path, size: int) -> tuple[int, int]:
+    """The recording's frames and bytes, once `analyze` found every READ(10) and all of its data in it."""
+    analysis = analyze(recording)
+    reads = [c for c in analysis.scsi_commands if c.name == "READ_10"]
+    data = sum(c.data_bytes or 0 for c in reads)
+    if len(reads) != size // CHUNK or data != size:
+        raise SystemExit(f"the recording holds {len(reads)} READ(10) and {data} bytes, "
+                         f"not {size // CHUNK} and {size}")
+    return analysis.frames, recording.stat().st_size
+
+
+def floor_copies(image: Path, directory: Path, size: int) -> tuple[float, float]:
+    """Seconds to copy the image into a fresh file in `directory` (the recording's filesystem): with
+    copy_file_range (one call per 64 KiB, as the recorder copies a READ's data), and with write() of 64 KiB
+    from a buffer already in memory. The copies are deleted after each measurement."""
+    target = directory / "floor.copy"
+    data = memoryview(image.read_bytes())
+    times = []
+    for how in ("copy_file_range", "write"):
+        source = os.open(image, os.O_RDONLY)
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            start = time.perf_counter()
+            for offset in range(0, size, CHUNK):
+                if how == "write":
+                    os.write(out, data[offset : offset + CHUNK])
+                else:
+                    os.copy_file_range(source, out, CHUNK, offset)
+            times.append(time.perf_counter() - start)
+        finally:
+            os.close(source)
+            os.close(out)
+            target.unlink()
+    return times[0], times[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=64, help="bytes to read, in MiB (default 64)")
@@ -82,51 +156,64 @@ def main() -> None:
             for _ in range(args.size_mib):
                 f.write(os.urandom(MIB))
         expected = hashlib.sha256(image.read_bytes()).hexdigest()
-        best = {False: float("inf"), True: float("inf")}
-        cpu: dict[bool, list[float]] = {False: [], True: []}
         recording = Path(tmp) / "session.pcapng"
+        # (read_only, record) -> the runs
+        runs: dict[tuple[bool, bool], list[Run]] = {(ro, rec): [] for ro in (True, False) for rec in (False, True)}
+        floors: list[tuple[float, float]] = []
         print(f"vusb serve (child process), {args.size_mib} MiB sequential READ(10) of {CHUNK // 1024} KiB, "
               f"{args.depth} commands in flight, best of {args.repeat}\n")
-        for run in range(args.repeat):
-            for record in (False, True):
+        for number in range(1, args.repeat + 1):
+            for read_only, record in runs:
                 recording.unlink(missing_ok=True)
-                child, port = serve(image, recording if record else None)
-                try:
-                    client = RawClient(port)
-                    buffer = bytearray(size)
-                    before = cpu_seconds(child.pid)
-                    start = time.perf_counter()
-                    client.read(memoryview(buffer), chunk=CHUNK, depth=args.depth)
-                    seconds = time.perf_counter() - start
-                    # Before the close: the session's thread (its CPU in task/*/schedstat) ends with the
-                    # connection. Every reply has been received, so the server has nothing left to send.
-                    cpu[record].append(cpu_seconds(child.pid) - before)
-                    client.close()
-                    digest = hashlib.sha256(buffer).hexdigest()
-                finally:
-                    stop(child)
-                if digest != expected:
-                    raise SystemExit(f"run {run + 1} ({'on' if record else 'off'}): wrong bytes read")
-                best[record] = min(best[record], seconds)
-                print(f"  run {run + 1} recording {'on ' if record else 'off'}: {size / MIB / seconds:7.1f} MiB/s, "
-                      f"server CPU {cpu[record][-1] * 1000:4.0f} ms")
+                run = Run(image, size, args.depth, expected, recording if record else None, read_only)
+                runs[read_only, record].append(run)
+                print(f"  run {number} {'read-only' if read_only else 'writable '} recording "
+                      f"{'on ' if record else 'off'}: {size / MIB / run.seconds:7.1f} MiB/s, server CPU "
+                      f"{run.server_cpu * 1000:4.0f} ms, client CPU {run.client_cpu * 1000:4.0f} ms")
                 if record:
-                    analysis = analyze(recording)
-                    reads = [c for c in analysis.scsi_commands if c.name == "READ_10"]
-                    data = sum(c.data_bytes or 0 for c in reads)
-                    if len(reads) != size // CHUNK or data != size:
-                        raise SystemExit(f"the recording holds {len(reads)} READ(10) and {data} bytes, "
-                                         f"not {size // CHUNK} and {size}")
-                    frames, file_size = analysis.frames, recording.stat().st_size
-        off, on = size / MIB / best[False], size / MIB / best[True]
-        print(f"\nrecording off: {off:8.1f} MiB/s")
-        print(f"recording on:  {on:8.1f} MiB/s   ({frames} frames, {file_size / MIB:.1f} MiB of pcapng; "
-              f"every READ(10) and its {CHUNK // 1024} KiB found by analyze())")
-        print(f"ratio on / off = {on / off:.3f}   (target >= 0.9)")
-        low = {k: min(v) * 1000 for k, v in cpu.items()}
-        print(f"server CPU for the {args.size_mib} MiB (all threads, least of the runs): off {low[False]:.0f} ms, "
-              f"on {low[True]:.0f} ms (the recorder's share: {low[True] - low[False]:.0f} ms; the machine has "
-              f"{os.cpu_count()} CPUs for server and client)")
+                    frames, file_size = check_recording(recording, size)
+            recording.unlink(missing_ok=True)
+            floors.append(floor_copies(image, Path(tmp), size))
+            print(f"  run {number} floor: copy_file_range {floors[-1][0] * 1000:.1f} ms, "
+                  f"write {floors[-1][1] * 1000:.1f} ms")
+
+    def best(read_only: bool, record: bool) -> Run:
+        return min(runs[read_only, record], key=lambda r: r.seconds)
+
+    def least(read_only: bool, record: bool, what: str) -> float:
+        return min(getattr(r, what) for r in runs[read_only, record]) * 1000
+
+    off, on = best(True, False), best(True, True)
+    rate_off, rate_on = size / MIB / off.seconds, size / MIB / on.seconds
+    print(f"\nrecording off: {rate_off:8.1f} MiB/s")
+    print(f"recording on:  {rate_on:8.1f} MiB/s   ({frames} frames, {file_size / MIB:.1f} MiB of pcapng; "
+          f"every READ(10) and its {CHUNK // 1024} KiB found by analyze())")
+    print(f"ratio on / off = {rate_on / rate_off:.3f}   (target >= 0.9)")
+    print(f"server CPU for the {args.size_mib} MiB (all threads, least of the runs): off "
+          f"{least(True, False, 'server_cpu'):.0f} ms, on {least(True, True, 'server_cpu'):.0f} ms (the "
+          f"recorder's share: {least(True, True, 'server_cpu') - least(True, False, 'server_cpu'):.0f} ms; the "
+          f"machine has {os.cpu_count()} CPUs for server and client)")
+
+    copy = min(f[0] for f in floors)
+    write = min(f[1] for f in floors)
+    floor = min(copy, write)
+    cores = os.cpu_count() or 1
+    # the fastest off run's CPU, with the floor's copy added to it, shared over every core
+    shared = (off.server_cpu + off.client_cpu + floor) / cores
+    print(f"\nFLOOR: {args.size_mib} MiB into a fresh file beside the recording: copy_file_range {copy * 1000:.1f} ms, "
+          f"write() from memory {write * 1000:.1f} ms (least of the runs)")
+    print(f"  best ratio with that copy in series with the server: off {off.seconds * 1000:.1f} ms / "
+          f"(off + {floor * 1000:.1f} ms) = {off.seconds / (off.seconds + floor):.3f}")
+    print("  (the recorder's rule, a reply's frames in the page cache before the reply is sent, puts it in series)")
+    print(f"  best ratio if the copy cost the server nothing and ran on another core: the off run used "
+          f"{off.server_cpu * 1000:.0f} ms server + {off.client_cpu * 1000:.0f} ms client CPU in "
+          f"{off.seconds * 1000:.1f} ms; with the floor, {shared * 1000:.1f} ms of work per core on {cores} -> "
+          f"{off.seconds / max(off.seconds, shared):.3f}")
+
+    rw_off, rw_on = best(False, False), best(False, True)
+    print(f"\nread-write image (no sendfile: READ data through Python): off {size / MIB / rw_off.seconds:.1f} "
+          f"MiB/s, on {size / MIB / rw_on.seconds:.1f} MiB/s, ratio {rw_off.seconds / rw_on.seconds:.3f}; server "
+          f"CPU off {least(False, False, 'server_cpu'):.0f} ms, on {least(False, True, 'server_cpu'):.0f} ms")
 
 
 if __name__ == "__main__":
