@@ -93,6 +93,9 @@ _URB = struct.Struct(">IIIIIIiiI")  # usbip_header_basic, then the first four wo
 _RET_PEEK = struct.Struct(">II16xi4xI")  # a RET_SUBMIT's command, seqnum, actual_length, number_of_packets
 _CMD_PEEK = struct.Struct(">II4xI8xi4xI")  # a CMD_SUBMIT's command, seqnum, direction, length, number_of_packets
 _EPB_HEAD = struct.Struct("<IIIIIII")
+_EPB_START = struct.Struct("<III")  # an EPB's type, length and interface
+_STAMP = struct.Struct("<II")  # its timestamp (high, low)
+_EPB_LENGTHS = struct.Struct("<II")  # its captured and original lengths
 _U32 = struct.Struct("<I")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by caplen % 4
 _MAX_SEGMENT = wire.MAX_SEGMENT
@@ -112,21 +115,30 @@ def _read(parts: Sequence[_Piece]) -> Sequence[bytes | bytearray | memoryview]:
     return [bytes(part) if type(part) is FileRegion else part for part in parts]  # type: ignore[misc]
 
 
-def _segment(layout: _Layout, hi: int, lo: int, filled: int, ip_id: int, own: int,
-             ack: int, window: int) -> tuple[bytes, bytes, int]:
-    """A segment of `filled` payload bytes as an Enhanced Packet Block: its header (EPB, Ethernet, IPv4 with
-    its checksum, TCP; `layout` is `TcpFrames.ipv4_layout()`), its tail (padding and the closing length),
-    and the block's whole size. The payload goes between the two."""
-    v4, prefix, route, base = layout
+@functools.lru_cache(maxsize=256)
+def _sized(filled: int) -> tuple[bytes, bytes, bytes, int]:
+    """What an EPB of one IPv4 segment of `filled` payload bytes holds that depends on that length only: its
+    start (block type, length, interface), its captured and original lengths, its tail (padding, the length
+    again) and its whole size. A recording has few distinct segment lengths (65495, 48, 61, a READ's rest)."""
     caplen = 54 + filled
     pad = -caplen & 3
+    block = 32 + caplen + pad
+    return _EPB_START.pack(6, block, 0), _EPB_LENGTHS.pack(caplen, caplen), _TAILS[pad](block), block
+
+
+def _segment(layout: _Layout, stamp: bytes, filled: int, ip_id: int, own: int,
+             ack: int, window: int) -> tuple[bytes, bytes, int]:
+    """A segment of `filled` payload bytes as an Enhanced Packet Block: its header (EPB with `stamp` packed by
+    `_STAMP`, Ethernet, IPv4 with its checksum, TCP, in one pack: `layout` is `_layout()`), its tail (padding
+    and the closing length), and the block's whole size. The payload goes between the two."""
+    pack, prefix, route, base = layout
+    start, lengths, tail, block = _sized(filled)
     folded = base + 40 + filled + ip_id
     folded = (folded & 0xFFFF) + (folded >> 16)
-    header = _EPB_HEAD.pack(6, 32 + caplen + pad, 0, hi, lo, caplen, caplen) + v4(
-        prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF,
+    return pack(
+        start, stamp, lengths, prefix, 40 + filled, ip_id, b"\x40\0\x40\x06", ~(folded + (folded >> 16)) & 0xFFFF,
         route, own & 0xFFFFFFFF, ack, 0x50, 0x18, window,
-    )  # fmt: skip
-    return header, _TAILS[pad](32 + caplen + pad), 32 + caplen + pad
+    ), tail, block  # fmt: skip
 
 
 class RecordError(CaptureError):
@@ -371,12 +383,15 @@ class _Conn:
         self.ipv4 = None if self.tcp.ipv6 else (_layout(self.tcp, False), _layout(self.tcp, True))
 
 
-_Layout = tuple[Any, bytes, bytes, int]  # an IPv4 header's pack, and its constants (wire.TcpFrames.ipv4_layout)
+_Layout = tuple[Any, bytes, bytes, int]  # `_segment`'s header pack, and the constants of wire.TcpFrames.ipv4_layout
 
 
 def _layout(tcp: wire.TcpFrames, to_server: bool) -> _Layout:
+    """The pack of a whole segment header, EPB (its start, stamp, lengths: bytes packed little-endian as
+    pcapng has them) then Ethernet/IPv4/TCP (big-endian, `ipv4_layout`'s struct), and that header's
+    constants."""
     header, prefix, route, base = tcp.ipv4_layout(to_server)
-    return header.pack, prefix, route, base
+    return struct.Struct(">12s8s8s" + header.format.lstrip(">!")).pack, prefix, route, base
 
 
 class _EdgeTap:
@@ -577,7 +592,7 @@ class PcapngRecorder:
         append = out.append
         peek = _RET_PEEK.unpack_from
         directions = conn.directions
-        hi, lo = stamp >> 32, stamp & 0xFFFFFFFF
+        stamped = _STAMP.pack(stamp >> 32, stamp & 0xFFFFFFFF)
         own = tcp.seq[False]
         ack = tcp.seq[True] & 0xFFFFFFFF
         ip_id = tcp.ip_id
@@ -635,7 +650,7 @@ class PcapngRecorder:
                         continue
                 # a segment ends: a message's end, or 65495 bytes
                 ip_id = (ip_id + 1) & 0xFFFF
-                out[head], tail, block = _segment(layout, hi, lo, filled, ip_id, own, ack, window)
+                out[head], tail, block = _segment(layout, stamped, filled, ip_id, own, ack, window)
                 append(tail)
                 size += block
                 head = len(out)
@@ -649,7 +664,7 @@ class PcapngRecorder:
             index += 1
         if filled:  # the call ends inside a message: so does its segment
             ip_id = (ip_id + 1) & 0xFFFF
-            out[head], tail, block = _segment(layout, hi, lo, filled, ip_id, own, ack, window)
+            out[head], tail, block = _segment(layout, stamped, filled, ip_id, own, ack, window)
             append(tail)
             size += block
             own += filled
@@ -705,7 +720,7 @@ class PcapngRecorder:
         ip_id = tcp.ip_id = (tcp.ip_id + 1) & 0xFFFF
         own = seq[True]
         seq[True] = own + n
-        header, tail, block = _segment(layout, stamp >> 32, stamp & 0xFFFFFFFF, n, ip_id, own,
+        header, tail, block = _segment(layout, _STAMP.pack(stamp >> 32, stamp & 0xFFFFFFFF), n, ip_id, own,
                                        seq[False] & 0xFFFFFFFF, tcp.window)
         out += (header, data, tail)
         self.frames += 1
