@@ -950,11 +950,11 @@ class ClientConnection(_Connection):
                 if into is not None:  # the rest of its payload is read straight into `into`
                     self._read_into(view, start, header, into)
                 return None if self._eof else NEED_DATA  # next_event() would wait for the payload too
-            with view[start + USBIP_HEADER_SIZE : start + total] as payload:
-                if into is not None:
-                    into[:actual_length] = payload
-                else:
-                    transfer_buffer = payload.tobytes()
+            # (a slice released as soon as it is used: CPython frees it at once, `with` would cost more)
+            if into is not None:
+                into[:actual_length] = view[start + USBIP_HEADER_SIZE : start + total]
+            else:
+                transfer_buffer = view[start + USBIP_HEADER_SIZE : start + total].tobytes()
         else:
             total = USBIP_HEADER_SIZE
         self._start = start + total
