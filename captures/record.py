@@ -610,7 +610,9 @@ class PcapngRecorder:
             region = type(part) is FileRegion
             if region:
                 self._regions = True
-            n = len(part)
+                n = part.length  # type: ignore[union-attr]  # not len(): a Python call
+            else:
+                n = len(part)
             pos = 0
             while pos < n:
                 if not remaining:  # a message starts: the usual RET_SUBMIT, or hand over
