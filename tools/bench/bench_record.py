@@ -17,6 +17,9 @@ measured in the same run, what bounds that ratio on this machine:
   the server's work (off time ÷ (off time + floor)), as the recorder's durability rule has it, and if it cost
   the server nothing and ran on another core (off time ÷ the CPU time of server, client and floor shared
   over the machine's cores, or the off time);
+* the same read recorded to /dev/null: all of the recorder's work but the file's (framing, and the READ data
+  read, since copy_file_range cannot copy into /dev/null), and with it and the floor in series, the best
+  ratio the recorder's framing leaves;
 * the same read of an image served writable (no `--read-only`: no sendfile, the READ data goes through
   Python as bytes), off and on, for the ratio where the server's own path already copies the data.
 
@@ -160,6 +163,7 @@ def main() -> None:
         # (read_only, record) -> the runs
         runs: dict[tuple[bool, bool], list[Run]] = {(ro, rec): [] for ro in (True, False) for rec in (False, True)}
         floors: list[tuple[float, float]] = []
+        nulls: list[Run] = []
         print(f"vusb serve (child process), {args.size_mib} MiB sequential READ(10) of {CHUNK // 1024} KiB, "
               f"{args.depth} commands in flight, best of {args.repeat}\n")
         for number in range(1, args.repeat + 1):
@@ -173,6 +177,9 @@ def main() -> None:
                 if record:
                     frames, file_size = check_recording(recording, size)
             recording.unlink(missing_ok=True)
+            nulls.append(Run(image, size, args.depth, expected, Path(os.devnull), True))
+            print(f"  run {number} read-only recording to {os.devnull}: {size / MIB / nulls[-1].seconds:7.1f} MiB/s, "
+                  f"server CPU {nulls[-1].server_cpu * 1000:4.0f} ms")
             floors.append(floor_copies(image, Path(tmp), size))
             print(f"  run {number} floor: copy_file_range {floors[-1][0] * 1000:.1f} ms, "
                   f"write {floors[-1][1] * 1000:.1f} ms")
@@ -209,6 +216,14 @@ def main() -> None:
           f"{off.server_cpu * 1000:.0f} ms server + {off.client_cpu * 1000:.0f} ms client CPU in "
           f"{off.seconds * 1000:.1f} ms; with the floor, {shared * 1000:.1f} ms of work per core on {cores} -> "
           f"{off.seconds / max(off.seconds, shared):.3f}")
+
+    null_cpu = min(r.server_cpu for r in nulls)
+    framing = max(0.0, null_cpu - least(True, False, "server_cpu") / 1000)
+    print(f"\nrecording to {os.devnull} (the recorder without its file): server CPU {null_cpu * 1000:.0f} ms, so "
+          f"{framing * 1000:.0f} ms of the recorder's share is framing and reading, "
+          f"{least(True, True, 'server_cpu') - null_cpu * 1000:.0f} ms the recording file's")
+    print(f"  best ratio with that and the floor in series: off {off.seconds * 1000:.1f} ms / (off + "
+          f"{framing * 1000:.1f} + {floor * 1000:.1f} ms) = {off.seconds / (off.seconds + framing + floor):.3f}")
 
     rw_off, rw_on = best(False, False), best(False, True)
     print(f"\nread-write image (no sendfile: READ data through Python): off {size / MIB / rw_off.seconds:.1f} "
