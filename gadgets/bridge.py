@@ -79,6 +79,7 @@ from gadgets.transfers import BulkOnlySizer, PacketSizer, TransferSizer, is_bulk
 log = logging.getLogger(__name__)
 
 US_BULK_RESET_REQUEST = 0xFF
+BOT_IN_CHUNK = 256 * 1024  # a Bulk-Only data-in is asked of the remote in URBs this big (pipelined)
 CONTROL_TIMEOUT = 5.0  # the kernel's USB_CTRL_GET_TIMEOUT; the local host gives up about then too
 BRIDGES_DIR = LOCK_DIR / "bridges"
 _MAX_SPEED = {Speed.LOW: "full-speed", Speed.FULL: "full-speed", Speed.HIGH: "high-speed",
@@ -232,7 +233,7 @@ class RemoteSide:
 class _Token:
     """One URB at the remote as its pipe knows it."""
 
-    __slots__ = ("cancelled", "done", "error", "length", "result", "urb")
+    __slots__ = ("cancelled", "done", "error", "length", "result", "stale", "urb")
 
     def __init__(self, length: int) -> None:
         self.length = length  # what an IN URB asked for
@@ -241,6 +242,7 @@ class _Token:
         self.error: BaseException | None = None
         self.done = False
         self.cancelled = False
+        self.stale = False  # cancelled because the sizer said so: results behind it wait until it is gone
 
 
 @dataclass
@@ -252,6 +254,8 @@ class _Pipe:
     halt_pending: bool = False  # IN: halt the gadget endpoint once its queued writes are gone
     clearing: bool = False  # CLEAR_FEATURE(ENDPOINT_HALT) on its way to the remote
     partners: tuple[_Pipe, ...] = ()  # OUT: the IN pipes of its interface (a CBW plans their transfers)
+    stale: int = 0  # IN: stale URBs still at the remote (being unlinked)
+    held: list[bytes] = field(default_factory=list)  # IN: data to write once the stale URBs are gone
     is_in: bool = False  # of `ep`, kept plain: looked at several times per URB
     index: int = 0
 
@@ -265,11 +269,12 @@ class BridgeFunction:
     completes, and its result is written to the gadget where the RET_SUBMIT is decoded."""
 
     def __init__(self, remote: RemoteSide, image: RemoteImage, layout: FfsLayout, *, depth: int = 8,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 in_chunk: int | None = BOT_IN_CHUNK, on_failure: Callable[[str], None] | None = None) -> None:
         self.remote = remote
         self.image = image
         self.layout = layout
         self.depth = depth
+        self.in_chunk = in_chunk
         self.on_failure = on_failure
         self.ffs: FunctionFs | None = None
         self.active = False
@@ -308,7 +313,7 @@ class BridgeFunction:
         for pipe in self._pipes.values():
             if pipe.ep.interface == interface and isinstance(pipe.sizer, BulkOnlySizer):
                 return pipe.sizer
-        return BulkOnlySizer(packet, depth=self.depth)
+        return BulkOnlySizer(packet, in_chunk=self.in_chunk and max(packet, self.in_chunk), depth=self.depth)
 
     def event(self, event: FfsEvent) -> None:
         ffs = self._ffs
@@ -420,8 +425,9 @@ class BridgeFunction:
                 self.on_failure(why)
             self._ffs.stop()
 
-    def _cancel(self, token: _Token) -> None:
+    def _cancel(self, token: _Token, *, stale: bool = False) -> None:
         token.cancelled = True
+        token.stale = stale  # a cancel for a reset leaves nothing to wait for
         if not token.done and token.urb is not None and self.remote.remote is not None:
             self.remote.remote.cancel(token.urb)
 
@@ -431,6 +437,8 @@ class BridgeFunction:
                 self._cancel(token)
             pipe.pending.clear()
             pipe.halt_pending = False
+            pipe.held.clear()
+            pipe.stale = 0
             pipe.sizer.reset()
 
     def _restart_interface(self, interface: int) -> None:
@@ -439,6 +447,8 @@ class BridgeFunction:
                 for token in pipe.urbs:
                     self._cancel(token)
                 pipe.pending.clear()
+                pipe.held.clear()
+                pipe.stale = 0
                 pipe.sizer.reset()
 
     def _submit(self, pipe: _Pipe, data_or_length: bytes | int) -> None:
@@ -469,7 +479,14 @@ class BridgeFunction:
         """Hand on results in submission order (the remote completes an endpoint's URBs in order)."""
         urbs = pipe.urbs
         while urbs and urbs[0].done:
-            self._result(pipe, urbs.popleft())
+            token = urbs.popleft()
+            if token.stale:
+                pipe.stale -= 1
+            self._result(pipe, token)
+        if pipe.held and not pipe.stale:
+            held, pipe.held = pipe.held, []
+            for data in held:
+                self._write_in(pipe, data)
         if pipe.is_in:
             self._pump_in(pipe)
         else:
@@ -491,7 +508,7 @@ class BridgeFunction:
         status = result.status
         if status == -EPIPE:
             if pipe.is_in:
-                pipe.sizer.in_stalled(token.length)
+                self._drop_stale(pipe, pipe.sizer.in_stalled(token.length))
             if not (pipe.halt_pending or pipe.clearing):  # URBs queued behind a stalled one fail too
                 self._remote_halted(pipe)
             return
@@ -501,10 +518,25 @@ class BridgeFunction:
                 self._fail(f"the remote device shut down (status {status})")
             return
         if pipe.is_in:
-            pipe.sizer.in_done(result.data)
-            if self.active and not self._ffs.write(pipe.index, result.data,
-                                                   functools.partial(self._write_done, pipe)):
-                log.debug("IN %#04x: %d bytes not queued on the gadget", pipe.ep.address, len(result.data))
+            stale = pipe.sizer.in_done(result.data)
+            if stale:
+                self._drop_stale(pipe, stale)
+            if pipe.stale:
+                pipe.held.append(result.data)  # the CSW: the host's next command must not meet a stale URB
+            else:
+                self._write_in(pipe, result.data)
+
+    def _write_in(self, pipe: _Pipe, data: bytes) -> None:
+        if self.active and not self._ffs.write(pipe.index, data, functools.partial(self._write_done, pipe)):
+            log.debug("IN %#04x: %d bytes not queued on the gadget", pipe.ep.address, len(data))
+
+    def _drop_stale(self, pipe: _Pipe, count: int) -> None:
+        """Unlink the `count` newest URBs of `pipe`: the device ended the transfer they were asked for early,
+        so what it sends next (the CSW, then the next command's data) must not land in them."""
+        for token in list(pipe.urbs)[len(pipe.urbs) - count:]:
+            if not token.stale:
+                pipe.stale += 1
+                self._cancel(token, stale=True)
 
     def _remote_halted(self, pipe: _Pipe) -> None:
         """The remote STALLed: the local host sees it once, the remote is cleared right away."""
@@ -540,7 +572,7 @@ class BridgeFunction:
                 return
             ffs.halt(index)
             pipe.halt_pending = False
-        if not self.active or pipe.clearing:
+        if not self.active or pipe.clearing or pipe.stale:
             return
         while len(pipe.urbs) + ffs.in_flight(index) < self.depth:
             size = pipe.sizer.next_in(len(pipe.urbs))

@@ -44,10 +44,11 @@ def remote_side():
     side.close()
 
 
-def _bridged(side: RemoteSide, port: int, depth: int = 4) -> tuple[BridgeFunction, FakeFfs, RemoteImage]:
+def _bridged(side: RemoteSide, port: int, depth: int = 4,
+             in_chunk: int | None = 256 * 1024) -> tuple[BridgeFunction, FakeFfs, RemoteImage]:
     image = side.open("127.0.0.1", "1-1", port)
     layout = ffs_layout(image.configuration, image.speed, image.strings)
-    handler = BridgeFunction(side, image, layout, depth=depth)
+    handler = BridgeFunction(side, image, layout, depth=depth, in_chunk=in_chunk)
     fake = FakeFfs(speed=image.speed, loop=side.loop)  # the handler lives on the remote's loop
     fake.handler = handler
     handler.attach(fake)  # type: ignore[arg-type]
@@ -176,12 +177,43 @@ def test_a_120_kib_bulk_only_read_is_one_urb_at_the_remote_and_one_gadget_write(
         assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (9, 0, 0)
 
 
-def test_a_data_in_that_ends_short_and_stalls_leaves_no_urb_to_swallow_the_next_command(tmp_path, remote_side):
+def test_a_long_bulk_only_read_is_asked_of_the_remote_in_chunks_and_arrives_whole(tmp_path, remote_side):
+    image_file = tmp_path / "disk.img"
+    content = os.urandom(2 << 20)
+    image_file.write_bytes(content)
+    with ServerThread([mass_storage_device(str(image_file))]) as server:
+        handler, fake, _ = _bridged(remote_side, server.port, depth=8, in_chunk=256 * 1024)
+        out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
+        bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
+        bulk_in_address = next(ep.address for ep in handler.layout.endpoints if ep.is_in)
+        submitted: list[int | bytes] = []
+        device = remote_side.remote
+        assert device is not None
+        real_submit = device.submit
+
+        def counting_submit(endpoint, data_or_length, **kwargs):
+            if endpoint == bulk_in_address:
+                submitted.append(data_or_length)
+            return real_submit(endpoint, data_or_length, **kwargs)
+
+        device.submit = counting_submit  # type: ignore[method-assign]
+        for tag in (1, 2):  # READ(10) LBA 8, 2048 blocks (1 MiB), twice
+            fake.deliver(out, _cbw(tag, 1 << 20, bytes((0x28, 0, 0, 0, 0, 8, 0, 0x08, 0, 0))))
+            fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 5)
+            data = b"".join(fake.complete_write(bulk_in) for _ in range(4))
+            assert data == content[8 * 512 : 8 * 512 + (1 << 20)]
+            assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (tag, 0, 0)
+        assert submitted == ([256 * 1024] * 4 + [13]) * 2
+
+
+@pytest.mark.parametrize("in_chunk", [None, 16 * 1024])
+def test_a_data_in_that_ends_short_and_stalls_leaves_no_urb_to_swallow_the_next_command(tmp_path, remote_side,
+                                                                                         in_chunk):
     image_file = tmp_path / "disk.img"
     content = os.urandom(1 << 20)
     image_file.write_bytes(content)
     with ServerThread([mass_storage_device(str(image_file))]) as server:
-        handler, fake, _ = _bridged(remote_side, server.port, depth=8)
+        handler, fake, _ = _bridged(remote_side, server.port, depth=8, in_chunk=in_chunk)
         out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
         bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
         # READ CAPACITY(10) with 64 KiB allowed (case 5): the remote sends 8 bytes and STALLs
@@ -195,9 +227,31 @@ def test_a_data_in_that_ends_short_and_stalls_leaves_no_urb_to_swallow_the_next_
         fake.run_until(lambda: handler.outstanding() == 0)  # nothing left at the remote
         # the next command's data arrives whole and in place
         fake.deliver(out, _cbw(6, 64 * 512, bytes((0x28, 0, 0, 0, 0, 8, 0, 0, 64, 0))))
-        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 2)
-        data = fake.complete_write(bulk_in)
+        parts = 1 if in_chunk is None else 64 * 512 // in_chunk
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= parts + 1)
+        data = b"".join(fake.complete_write(bulk_in) for _ in range(parts))
         assert data == content[8 * 512 : 72 * 512]
+        assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (6, 0, 0)
+
+
+def test_a_short_chunk_without_stall_passes_the_csw_on_once_the_urbs_behind_it_are_unlinked(tmp_path, remote_side):
+    image_file = tmp_path / "disk.img"
+    content = os.urandom(1 << 20)
+    image_file.write_bytes(content)
+    with ServerThread([mass_storage_device(str(image_file), can_stall=False)]) as server:
+        handler, fake, _ = _bridged(remote_side, server.port, depth=8, in_chunk=16 * 1024)
+        out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
+        bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
+        # READ CAPACITY(10) with 64 KiB allowed: 8 bytes, a short packet, then the CSW in the second chunk's URB
+        fake.deliver(out, _cbw(5, 64 * 1024, bytes((0x25,) + (0,) * 9)))
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 2)
+        assert handler.outstanding() == 0  # the CSW was held until the three URBs behind it were unlinked
+        assert len(fake.complete_write(bulk_in)) == 8
+        assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (5, 64 * 1024 - 8, 0)
+        assert fake.halts == []
+        fake.deliver(out, _cbw(6, 32 * 1024, bytes((0x28, 0, 0, 0, 0, 8, 0, 0, 64, 0))))
+        fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 3)
+        assert b"".join(fake.complete_write(bulk_in) for _ in range(2)) == content[8 * 512 : 72 * 512]
         assert struct.unpack_from("<IIB", fake.complete_write(bulk_in), 4) == (6, 0, 0)
 
 

@@ -95,6 +95,68 @@ def test_bot_data_out_reads_cover_the_transfer_and_are_whole_packets(length, pac
     assert sum(sizes) - length < packet <= sum(sizes) - length + packet
 
 
+def drain_in(sizer: BulkOnlySizer) -> list[int]:
+    sizes = []
+    while (size := sizer.next_in(len(sizes))) is not None:
+        sizes.append(size)
+    return sizes
+
+
+def test_bot_sizer_asks_for_a_long_data_in_in_chunks_then_the_csw():
+    sizer = BulkOnlySizer(1024, in_chunk=256 * 1024, depth=8)
+    sizer.out_done(cbw(1 << 20, data_in=True))
+    assert drain_in(sizer) == [256 * 1024] * 4 + [13]
+    for _ in range(3):
+        assert sizer.in_done(bytes(256 * 1024)) == 0
+        assert sizer.phase is BotPhase.DATA_IN
+    assert sizer.in_done(bytes(256 * 1024)) == 0 and sizer.phase is BotPhase.STATUS
+    assert sizer.in_done(b"USBS" + bytes(9)) == 0 and sizer.phase is BotPhase.COMMAND
+
+
+def test_bot_sizer_a_short_chunk_leaves_the_next_urb_for_the_csw_and_the_rest_stale():
+    sizer = BulkOnlySizer(512, in_chunk=64 * 1024, depth=8)
+    sizer.out_done(cbw(256 * 1024, data_in=True))
+    assert drain_in(sizer) == [65536] * 4 + [13]
+    assert sizer.in_done(bytes(1000)) == 3  # chunks 3 and 4 and the CSW transfer: chunk 2 gets the CSW
+    assert sizer.phase is BotPhase.STATUS and sizer.next_in(0) is None
+    assert sizer.in_done(b"USBS" + bytes(9)) == 0 and sizer.phase is BotPhase.COMMAND
+    sizer.out_done(cbw(512, data_in=True, tag=2))  # the next command starts clean
+    assert drain_in(sizer) == [512, 13]
+
+
+def test_bot_sizer_a_tail_too_small_for_a_csw_joins_the_last_chunk():
+    sizer = BulkOnlySizer(64, in_chunk=4096, depth=8)
+    sizer.out_done(cbw(8192 + 40, data_in=True))
+    assert drain_in(sizer) == [4096, 4096 + 40, 13]
+
+
+def test_bot_sizer_a_short_chunk_with_nothing_asked_after_it_keeps_the_planned_csw():
+    sizer = BulkOnlySizer(512, in_chunk=64 * 1024, depth=1)
+    sizer.out_done(cbw(256 * 1024, data_in=True))
+    assert sizer.next_in(0) == 65536 and sizer.next_in(1) is None
+    assert sizer.in_done(bytes(512 * 3)) == 0  # whole packets but fewer than asked: short all the same
+    assert sizer.next_in(0) == 13 and sizer.next_in(0) is None
+
+
+def test_bot_sizer_a_stalled_chunk_makes_the_rest_stale_and_asks_for_one_csw():
+    sizer = BulkOnlySizer(512, in_chunk=64 * 1024, depth=8)
+    sizer.out_done(cbw(200 * 1024, data_in=True))
+    assert drain_in(sizer) == [65536, 65536, 65536, 8192, 13]
+    assert sizer.in_stalled(65536) == 4
+    assert drain_in(sizer) == [13]
+    assert sizer.in_done(b"USBS" + bytes(9)) == 0 and sizer.phase is BotPhase.COMMAND
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 4 << 20), st.sampled_from([64, 512, 1024]), st.sampled_from([None, 4096, 65536, 262144]))
+def test_bot_data_in_transfers_add_up_to_exactly_the_data_in(length, packet, in_chunk):
+    sizer = BulkOnlySizer(packet, in_chunk=in_chunk, depth=1 << 12)
+    sizer.out_done(cbw(length, data_in=True))
+    *data, csw = drain_in(sizer)
+    assert csw == 13 and sum(data) == length
+    assert all(s % packet == 0 for s in data[:-1]) and (len(data) == 1 or data[-1] >= 64)
+
+
 def test_bot_sizer_asks_again_for_an_in_transfer_a_stall_ended():
     sizer = BulkOnlySizer(512)
     sizer.out_done(cbw(512, data_in=True))
