@@ -62,7 +62,6 @@ from emulator.usb.setup import (
     Direction,
     FeatureSelector,
     Recipient,
-    RequestType,
     SetupPacket,
     Speed,
     StandardRequest,
@@ -414,10 +413,12 @@ def map_setup(layout: FfsLayout, setup: SetupPacket) -> SetupPacket | None:
     (f_fs.c, ffs_func_setup): for an interface request to our (local) interface number, for an endpoint
     request to the number of the endpoint file. Map both back to the device's interface number and
     endpoint address; None when there is no such interface or endpoint."""
-    recipient = setup.recipient
+    recipient = setup.request_type & 0x1F  # (plain bits: this runs for every request)
     if recipient == Recipient.INTERFACE:
         number = layout.interface_number(setup.index & 0xFF)
-        return None if number is None else replace(setup, index=number)
+        if number is None:
+            return None
+        return setup if number == setup.index else replace(setup, index=number)
     if recipient == Recipient.ENDPOINT:
         if setup.index == 0:
             return setup  # ep0 itself (f_fs would not forward it, but a UDC might)
@@ -503,6 +504,7 @@ _EVENT = struct.Struct("<BBHHHB3x")
 _EVENT_TYPES = {0: FfsEvent.BIND, 1: FfsEvent.UNBIND, 2: FfsEvent.ENABLE, 3: FfsEvent.DISABLE,
                 5: FfsEvent.SUSPEND, 6: FfsEvent.RESUME}
 FUNCTIONFS_SETUP = 4
+_STANDARD_OUT_TO_ENDPOINT = 0x02  # bmRequestType of SET/CLEAR_FEATURE(ENDPOINT_HALT)
 
 
 def ep0_users(mount: Path) -> list[tuple[int, str]]:
@@ -562,6 +564,7 @@ class FunctionFs:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self._control_pending = False  # a PendingReply is out: leave ep0 alone
+        self._ep0_signalled = False  # ep0's eventfd fired while a reply was pending: read ep0 after it
         self._queues: dict[int, deque[_Transfer]] = {ep.index: deque() for ep in layout.endpoints}
         self._fds: dict[int, int] = {}
         self._loop: Any = None  # the asyncio loop of run_on()
@@ -706,7 +709,9 @@ class FunctionFs:
         if events:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._ep0_fd)
-            if not self._control_pending:
+            if self._control_pending:
+                self._ep0_signalled = True
+            else:
                 self._ep0_events()
         if not self._stopping:
             self.handler.pump()
@@ -790,7 +795,7 @@ class FunctionFs:
             log.debug("SETUP %s names no interface/endpoint of ours: STALL", raw)
             self._stall_ep0(raw.request_type)
             return
-        if not setup.is_in and setup.length:
+        if not setup.request_type & 0x80 and setup.length:
             data = self._ep0_io(lambda: ep0.read(setup.length))  # the status stage is the UDC's now
             answer = self.handler.control(replace(setup, length=len(data)), data)
             if isinstance(answer, PendingReply):
@@ -817,7 +822,7 @@ class FunctionFs:
         try:
             if reply.status is not TransferStatus.OK:
                 self._stall_ep0(setup.request_type)
-            elif setup.is_in:
+            elif setup.request_type & 0x80:
                 self._ep0_io(lambda: ep0.write(bytes(reply.data)[: setup.length]))
             else:
                 self._ep0_io(lambda: ep0.read(0))
@@ -826,14 +831,15 @@ class FunctionFs:
         self._after_control(setup, reply)
         if pending:
             self._control_pending = False
-            if self._opened and not self._stopping:
+            if self._ep0_signalled and self._opened and not self._stopping:
+                self._ep0_signalled = False
                 self._ep0_events()  # what arrived meanwhile (its eventfd signal is gone)
 
     def _after_control(self, setup: SetupPacket, reply: Reply) -> None:
         """A SET/CLEAR_FEATURE(ENDPOINT_HALT) that reached us (UDCs other than dummy_hcd pass them on)
         must change the endpoint at the UDC too."""
-        if (reply.status is TransferStatus.OK and setup.type is RequestType.STANDARD
-                and setup.recipient == Recipient.ENDPOINT and setup.value == FeatureSelector.ENDPOINT_HALT
+        if (setup.request_type == _STANDARD_OUT_TO_ENDPOINT and reply.status is TransferStatus.OK
+                and setup.value == FeatureSelector.ENDPOINT_HALT
                 and setup.request in (StandardRequest.SET_FEATURE, StandardRequest.CLEAR_FEATURE)):
             ep = self.layout.endpoint_by_address(setup.index)
             if ep is not None:
@@ -856,9 +862,10 @@ class FunctionFs:
 
     # -- endpoint transfers (loop thread) -------------------------------------------------------------------
 
-    def write(self, index: int, data: bytes, callback: Callable[[int], None]) -> bool:
-        """Queue `data` on IN endpoint file `index` (b"" sends a zero-length packet); `callback(status)`
-        gets the bytes sent or -errno, in order. False if f_fs refused to queue it (not enabled)."""
+    def write(self, index: int, data: bytes | memoryview, callback: Callable[[int], None]) -> bool:
+        """Queue `data` on IN endpoint file `index` (b"" sends a zero-length packet; a writable view is sent
+        without a copy, its buffer left alone until the callback); `callback(status)` gets the bytes sent
+        or -errno, in order. False if f_fs refused to queue it (not enabled)."""
         entry = _Transfer(callback, False)
         queue = self._queues[index]
         queue.append(entry)
@@ -903,7 +910,17 @@ class FunctionFs:
         endpoints dummy_hcd refuses while transfers are queued, so halt once they are done)."""
         try:
             self._function.getEndpoint(index).halt()
-        except (OSError, ValueError) as exc:
+        except ValueError:
+            # python-functionfs's "halt did not return EBADMSG": the read(0) that halts an IN endpoint file got
+            # EAGAIN (our files are non-blocking), which f_fs returns when the endpoint is not enabled (the host
+            # disabled, reset or unbound the function and its event is not read yet: nothing left to halt) or
+            # when the UDC refuses (dummy_hcd: IN transfers still queued).
+            if self._queues[index] and self.enabled:
+                log.warning("ep%d: cannot halt: the UDC refused while transfers are queued", index)
+            else:
+                log.debug("ep%d: not halted: the endpoint is not enabled (function disabled or unbound)", index)
+            return False
+        except OSError as exc:
             log.warning("ep%d: cannot halt: %s", index, exc)
             return False
         return True

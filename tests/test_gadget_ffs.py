@@ -420,3 +420,29 @@ def test_model_with_alternate_settings_becomes_a_layout_without_them():
     device = Device([_Alts()], id_vendor=0x1209, id_product=0x0010)
     layout = ffs_layout(device.configuration, device.speed, device.strings)
     assert layout.endpoints == () and len(layout.dropped) == 1
+
+
+class _RefusingEndpoint:
+    def halt(self) -> None:  # python-functionfs, when f_fs answers the halting read(0) with EAGAIN
+        raise ValueError("halt did not return EBADMSG ?")
+
+
+class _Function:
+    def getEndpoint(self, index: int) -> _RefusingEndpoint:  # python-functionfs's name
+        return _RefusingEndpoint()
+
+
+def test_halting_an_endpoint_the_host_disabled_is_no_warning(caplog):
+    from collections import deque
+
+    from gadgets.ffs import FunctionFs
+
+    ffs = FunctionFs.__new__(FunctionFs)  # no mount: only what halt() looks at
+    ffs._function, ffs._queues, ffs.enabled = _Function(), {1: deque()}, False
+    with caplog.at_level("DEBUG", logger="gadgets.ffs"):
+        assert ffs.halt(1) is False
+    assert [r.levelname for r in caplog.records] == ["DEBUG"] and "not enabled" in caplog.text
+    caplog.clear()
+    ffs.enabled, ffs._queues[1] = True, deque([object()])
+    assert ffs.halt(1) is False
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
