@@ -101,15 +101,19 @@ class AioQueue:
         slot.reading = True
         self._go(slot, fd, self._c.IO_CMD_PREAD, slot.address, size, callback)
 
-    def write(self, fd: int, data: bytes, callback: Callable[[None, int], None]) -> None:
+    def write(self, fd: int, data: bytes | memoryview, callback: Callable[[None, int], None]) -> None:
         """Write `data` to `fd` (an IN endpoint file: one USB transfer; b"" is a zero-length packet). The
-        kernel reads the bytes object's own memory: it is kept alive, and bytes never change."""
-        if type(data) is not bytes:
-            data = bytes(data)
+        kernel reads the object's own memory, which is kept alive until the callback: bytes, or a writable
+        view (of a bytearray the caller leaves alone until then: a buffer it reuses, no copy per transfer)."""
+        if type(data) is memoryview and data and not data.readonly and data.c_contiguous:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        else:
+            if type(data) is not bytes:
+                data = bytes(data)
+            address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
         slot = self._take()
         slot.reading = False
         slot.keep = data
-        address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
         self._go(slot, fd, self._c.IO_CMD_PWRITE, address, len(data), callback)
 
     def reap(self) -> int:

@@ -52,8 +52,6 @@ from emulator.host import (
 from emulator.usb.descriptors import Configuration, DeviceDescriptor, InterfaceAssociationDescriptor
 from emulator.usb.setup import (
     FeatureSelector,
-    Recipient,
-    RequestType,
     SetupPacket,
     Speed,
     StandardRequest,
@@ -80,7 +78,10 @@ log = logging.getLogger(__name__)
 
 US_BULK_RESET_REQUEST = 0xFF
 BOT_IN_CHUNK = 256 * 1024  # a Bulk-Only data-in is asked of the remote in URBs this big (pipelined)
-CONTROL_TIMEOUT = 5.0  # the kernel's USB_CTRL_GET_TIMEOUT; the local host gives up about then too
+INTO_MIN = 16 * 1024  # IN URBs this big are read into a reused buffer of their pipe, written to the gadget from it
+CONTROL_TIMEOUT = 5.0
+_CLASS_OUT_TO_INTERFACE = 0x21  # bmRequestType of the Bulk-Only reset
+_STANDARD_OUT_TO_ENDPOINT = 0x02  # of CLEAR_FEATURE(ENDPOINT_HALT)  # the kernel's USB_CTRL_GET_TIMEOUT; the local host gives up about then too
 BRIDGES_DIR = LOCK_DIR / "bridges"
 _MAX_SPEED = {Speed.LOW: "full-speed", Speed.FULL: "full-speed", Speed.HIGH: "high-speed",
               Speed.SUPER: "super-speed", Speed.SUPER_PLUS: "super-speed"}
@@ -233,7 +234,7 @@ class RemoteSide:
 class _Token:
     """One URB at the remote as its pipe knows it."""
 
-    __slots__ = ("cancelled", "done", "error", "length", "result", "stale", "urb")
+    __slots__ = ("buffer", "cancelled", "done", "error", "length", "result", "stale", "urb")
 
     def __init__(self, length: int) -> None:
         self.length = length  # what an IN URB asked for
@@ -243,6 +244,7 @@ class _Token:
         self.done = False
         self.cancelled = False
         self.stale = False  # cancelled because the sizer said so: results behind it wait until it is gone
+        self.buffer: bytearray | None = None  # an IN URB's data goes here (the pipe's, reused)
 
 
 @dataclass
@@ -255,7 +257,9 @@ class _Pipe:
     clearing: bool = False  # CLEAR_FEATURE(ENDPOINT_HALT) on its way to the remote
     partners: tuple[_Pipe, ...] = ()  # OUT: the IN pipes of its interface (a CBW plans their transfers)
     stale: int = 0  # IN: stale URBs still at the remote (being unlinked)
-    held: list[bytes] = field(default_factory=list)  # IN: data to write once the stale URBs are gone
+    held: list[tuple[memoryview | bytes, bytearray | None]] = field(default_factory=list)  # IN: (data, its
+    # buffer) to write once the stale URBs are gone
+    pool: list[bytearray] = field(default_factory=list)  # IN: buffers no URB or gadget write holds
     is_in: bool = False  # of `ep`, kept plain: looked at several times per URB
     index: int = 0
 
@@ -348,13 +352,13 @@ class BridgeFunction:
         if self.failure is not None or self.remote.remote is None:
             answer.resolve(STALL)
             return answer
-        if (setup.type is RequestType.CLASS and setup.recipient == Recipient.INTERFACE
-                and setup.request == US_BULK_RESET_REQUEST):
+        is_in = setup.request_type & 0x80
+        if setup.request == US_BULK_RESET_REQUEST and setup.request_type == _CLASS_OUT_TO_INTERFACE:
             self._restart_interface(setup.index & 0xFF)  # no stale URB may catch the next command's data
         try:
             with self._device.batched():  # out now, not at the end of the loop's turn
-                urb = self._device.submit(0x80 if setup.is_in else 0x00, setup.length if setup.is_in else data,
-                                          setup=setup, timeout=CONTROL_TIMEOUT)
+                urb = self._device.submit(is_in, setup.length if is_in else data, setup=setup,
+                                          timeout=CONTROL_TIMEOUT)
         except HostError as exc:
             self._fail(f"the remote device went away: {exc}")
             answer.resolve(STALL)
@@ -372,19 +376,21 @@ class BridgeFunction:
             log.warning("%s at the remote: %s; answering STALL", setup, error)
         else:
             result = future.result()
-            if result.unlinked and urb.timed_out:
+            if result.status == 0 and not result.unlinked:
+                reply = (Reply(data=result.data) if setup.request_type & 0x80
+                         else Reply(actual_length=result.actual_length))
+            elif result.unlinked and urb.timed_out:
                 log.warning("%s: no answer from the remote within %g s; answering STALL", setup, CONTROL_TIMEOUT)
-            elif result.status == 0 and not result.unlinked:
-                reply = Reply(data=result.data) if setup.is_in else Reply(actual_length=result.actual_length)
             elif result.status != -EPIPE:
                 log.warning("%s at the remote ended with status %d; answering STALL", setup, result.status)
-        if (reply is not STALL and setup.type is RequestType.STANDARD and setup.recipient == Recipient.ENDPOINT
-                and setup.request == StandardRequest.CLEAR_FEATURE and setup.value == FeatureSelector.ENDPOINT_HALT):
+        if (setup.request_type == _STANDARD_OUT_TO_ENDPOINT and setup.request == StandardRequest.CLEAR_FEATURE
+                and setup.value == FeatureSelector.ENDPOINT_HALT and reply is not STALL):
             ep = self.layout.endpoint_by_address(setup.index & 0xFF)
             if ep is not None:
                 self._pipes[ep.index].halt_pending = False
         answer.resolve(reply)
-        self.pump()
+        if not setup.request_type & 0x80:  # an OUT request (a reset, a clear-halt) may let a pipe go on
+            self.pump()
 
     def pump(self) -> None:
         if not self.active:
@@ -455,8 +461,13 @@ class BridgeFunction:
         """Send one URB now (it leaves with whatever else this turn of the loop submits)."""
         token = _Token(data_or_length if isinstance(data_or_length, int) else 0)
         pipe.urbs.append(token)
+        into = None
+        if pipe.is_in and token.length >= INTO_MIN:
+            pool = pipe.pool
+            token.buffer = buffer = pool.pop() if pool and len(pool[-1]) >= token.length else bytearray(token.length)
+            into = memoryview(buffer)[: token.length]
         try:
-            urb = self._device.submit(pipe.ep.address, data_or_length, timeout=None)
+            urb = self._device.submit(pipe.ep.address, data_or_length, timeout=None, into=into)
         except HostError as exc:
             token.error, token.done = exc, True
             self.remote.loop.call_soon(self._urb_done, pipe)
@@ -483,10 +494,12 @@ class BridgeFunction:
             if token.stale:
                 pipe.stale -= 1
             self._result(pipe, token)
+            if token.buffer is not None:  # not handed on to a gadget write
+                pipe.pool.append(token.buffer)
         if pipe.held and not pipe.stale:
             held, pipe.held = pipe.held, []
-            for data in held:
-                self._write_in(pipe, data)
+            for data, buffer in held:
+                self._write_in(pipe, data, buffer)
         if pipe.is_in:
             self._pump_in(pipe)
         else:
@@ -518,17 +531,23 @@ class BridgeFunction:
                 self._fail(f"the remote device shut down (status {status})")
             return
         if pipe.is_in:
-            stale = pipe.sizer.in_done(result.data)
+            buffer = token.buffer
+            data: memoryview | bytes = result.data if buffer is None else memoryview(buffer)[: result.actual_length]
+            stale = pipe.sizer.in_done(data)
             if stale:
                 self._drop_stale(pipe, stale)
+            token.buffer = None  # the write has it now
             if pipe.stale:
-                pipe.held.append(result.data)  # the CSW: the host's next command must not meet a stale URB
+                pipe.held.append((data, buffer))  # the CSW: the host's next command must not meet a stale URB
             else:
-                self._write_in(pipe, result.data)
+                self._write_in(pipe, data, buffer)
 
-    def _write_in(self, pipe: _Pipe, data: bytes) -> None:
-        if self.active and not self._ffs.write(pipe.index, data, functools.partial(self._write_done, pipe)):
-            log.debug("IN %#04x: %d bytes not queued on the gadget", pipe.ep.address, len(data))
+    def _write_in(self, pipe: _Pipe, data: memoryview | bytes, buffer: bytearray | None) -> None:
+        if self.active and self._ffs.write(pipe.index, data, functools.partial(self._write_done, pipe, buffer)):
+            return
+        log.debug("IN %#04x: %d bytes not queued on the gadget", pipe.ep.address, len(data))
+        if buffer is not None:
+            pipe.pool.append(buffer)
 
     def _drop_stale(self, pipe: _Pipe, count: int) -> None:
         """Unlink the `count` newest URBs of `pipe`: the device ended the transfer they were asked for early,
@@ -559,7 +578,9 @@ class BridgeFunction:
 
         self.remote.background(self._device.clear_halt(address), cleared)
 
-    def _write_done(self, pipe: _Pipe, status: int) -> None:
+    def _write_done(self, pipe: _Pipe, buffer: bytearray | None, status: int) -> None:
+        if buffer is not None:
+            pipe.pool.append(buffer)
         if status < 0 and status != -ESHUTDOWN:
             log.debug("IN %#04x: gadget write ended with %d", pipe.ep.address, status)
         self._pump_in(pipe)

@@ -49,7 +49,7 @@ class TransferSizer(Protocol):
     def out_done(self, data: bytes) -> None:
         """An OUT read completed with `data`."""
 
-    def in_done(self, data: bytes) -> int:
+    def in_done(self, data: bytes | memoryview) -> int:
         """An IN transfer (the oldest outstanding) completed with `data`. Returns how many of the most
         recently asked-for IN transfers are stale now (to be unlinked, their data never forwarded)."""
 
@@ -80,7 +80,7 @@ class PacketSizer:
     def out_done(self, data: bytes) -> None:
         pass
 
-    def in_done(self, data: bytes) -> int:
+    def in_done(self, data: bytes | memoryview) -> int:
         return 0
 
     def in_stalled(self, size: int) -> int:
@@ -213,7 +213,7 @@ class BulkOnlySizer:
         self._in_plan.append(_CSW)
         return stale
 
-    def in_done(self, data: bytes) -> int:
+    def in_done(self, data: bytes | memoryview) -> int:
         size, is_data = self._in_asked.popleft() if self._in_asked else (0, False)
         n = len(data)
         if n == US_BULK_CS_WRAP_LEN and data[:4] == b"USBS":

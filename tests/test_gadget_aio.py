@@ -61,3 +61,16 @@ def test_a_refused_transfer_reports_the_kernels_error_and_frees_its_slot(queue_a
             queue.read(-1, 16, lambda data, status: None)
         assert refused.value.errno == errno.EBADF
     assert queue.in_flight == 0
+
+
+def test_a_write_from_a_bytearray_view_sends_its_bytes_and_other_views_are_copied(queue_and_file):
+    queue, fd, eventfd = queue_and_file
+    buffer = bytearray(b"x" * 8192)
+    buffer[:5] = b"chunk"
+    statuses: list[int] = []
+    queue.write(fd, memoryview(buffer)[:4096], lambda _data, status: statuses.append(status))
+    _wait_and_reap(queue, eventfd)
+    assert statuses == [4096] and os.pread(fd, 8192, 0) == b"chunk" + b"x" * 4091
+    queue.write(fd, memoryview(b"read-only view"), lambda _data, status: statuses.append(status))
+    _wait_and_reap(queue, eventfd)
+    assert statuses == [4096, 14] and os.pread(fd, 14, 0) == b"read-only view"
