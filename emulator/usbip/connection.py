@@ -1069,7 +1069,7 @@ class ClientConnection(_Connection):
             and (
                 len(transfer_buffer) == transfer_buffer_length
                 if direction == _DIR_OUT
-                else direction == _DIR_IN and not transfer_buffer
+                else direction == _DIR_IN and not transfer_buffer and transfer_buffer_length >= 0
             )
             and not self._debug  # send_iov() logs each message
         ):
