@@ -760,7 +760,9 @@ class RemoteDevice:
         The timeout starts now; None means no timeout (the URB then ends only with an answer, an unlink,
         or the connection). `on_done(urb)` runs as soon as it ends (see `Urb`).
         `into` (bulk or interrupt IN, a writable byte view of at least the length): the data is put there
-        as it is decoded (into[:actual_length]; the result's `data` is then b""), not into a new bytes.
+        (into[:actual_length]; the result's `data` is then b""), not into a new bytes — read from the
+        socket straight into it as it arrives, so it belongs to the URB until the URB ends (a URB that
+        fails may leave part of a payload there).
         """
         link = self._link
         if link.lost is not None:
