@@ -13,7 +13,6 @@ import difflib
 import mmap
 import os
 import select
-import struct
 import subprocess
 import sys
 import termios
@@ -28,8 +27,6 @@ from tools.vm import guest
 
 pytestmark = pytest.mark.kernel
 
-INPUT_EVENT = struct.Struct("llHHi")
-EV_KEY = 1
 GADGETS = Path("/sys/kernel/config/usb_gadget")
 SIZE = 16 << 20
 
@@ -39,25 +36,6 @@ def _evdev_node(hcd: str) -> Path | None:
         if hcd in os.path.realpath(entry / "device"):
             return Path("/dev/input") / entry.name
     return None
-
-
-def _keys(node: Path, count: int, timeout: float = 30) -> list[int]:
-    fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
-    pressed: list[int] = []
-    pending = b""
-    try:
-        deadline = time.monotonic() + timeout
-        while len(pressed) < count and time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.5)[0]:
-                pending += os.read(fd, 4096)
-            while len(pending) >= INPUT_EVENT.size:
-                _sec, _usec, kind, code, value = INPUT_EVENT.unpack_from(pending)
-                pending = pending[INPUT_EVENT.size:]
-                if kind == EV_KEY and value == 1:
-                    pressed.append(code)
-    finally:
-        os.close(fd)
-    return pressed
 
 
 def _vusb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -180,8 +158,8 @@ def test_vusb_keyboard_bridged_types_into_evdev_unlinks_on_deconfigure_and_stops
         with Bridge("127.0.0.1", "1-1", port=server.port, udc=udc) as bridge:
             assert bridge.handler is not None
             node = guest.poll(lambda: _evdev_node(hcd), timeout=60, what="the bridged keyboard's evdev node")
-            keyboard.type_text("vusb")
-            assert _keys(node, 4) == [47, 22, 31, 48]  # KEY_V, KEY_U, KEY_S, KEY_B
+            typed = guest.keys_typed(node, lambda: keyboard.type_text("vusb"), 4)
+            assert typed == [47, 22, 31, 48]  # KEY_V, KEY_U, KEY_S, KEY_B
             busid = guest.usb_devices(hcd)[0].busid
             assert bridge.handler.outstanding() > 0
             Path(f"/sys/bus/usb/devices/{busid}/authorized").write_text("0")  # the local driver goes away

@@ -13,9 +13,11 @@ import hashlib
 import mmap
 import os
 import re
+import select
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -325,6 +327,33 @@ def wait_for_disk_gone(match: DiskMatch, *, timeout: float = 30) -> None:
 
 
 # ---- data ----------------------------------------------------------------------------------------
+
+
+_INPUT_EVENT = struct.Struct("llHHi")  # struct input_event on 64-bit
+_EV_KEY = 1
+
+
+def keys_typed(node: Path, type_them: Callable[[], None], count: int, *, timeout: float = 30) -> list[int]:
+    """Key codes of the first `count` presses on evdev `node` after `type_them()` (fewer on timeout). The node is
+    opened first: the console's keyboard handler keeps usbhid polling, so keys typed before a reader has the
+    node open never reach that reader."""
+    fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
+    pressed: list[int] = []
+    pending = b""
+    try:
+        type_them()
+        deadline = time.monotonic() + timeout
+        while len(pressed) < count and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                pending += os.read(fd, 4096)
+            while len(pending) >= _INPUT_EVENT.size:
+                _sec, _usec, kind, code, value = _INPUT_EVENT.unpack_from(pending)
+                pending = pending[_INPUT_EVENT.size:]
+                if kind == _EV_KEY and value == 1:
+                    pressed.append(code)
+    finally:
+        os.close(fd)
+    return pressed
 
 
 def make_backing_file(path: str | Path, size_bytes: int) -> Path:
