@@ -149,26 +149,33 @@ def test_bulk_only_disk_through_the_bridge_moves_a_command_its_data_and_status(t
     assert image_file.read_bytes()[7 * 512:8 * 512] == b"\xEE" * 512
 
 
+def _watch_bulk_in(handler, remote_side) -> tuple[int, int, list[int | bytes]]:
+    """The bulk OUT and IN endpoint file indexes, and a list of what the bridge asks of the remote's bulk IN
+    (each URB's length), filled as it submits."""
+    out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
+    bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
+    bulk_in_address = next(ep.address for ep in handler.layout.endpoints if ep.is_in)
+    submitted: list[int | bytes] = []
+    device = remote_side.remote
+    assert device is not None
+    real_submit = device.submit
+
+    def counting_submit(endpoint, data_or_length, **kwargs):
+        if endpoint == bulk_in_address:
+            submitted.append(data_or_length)
+        return real_submit(endpoint, data_or_length, **kwargs)
+
+    device.submit = counting_submit
+    return out, bulk_in, submitted
+
+
 def test_a_120_kib_bulk_only_read_is_one_urb_at_the_remote_and_one_gadget_write(tmp_path, remote_side):
     image_file = tmp_path / "disk.img"
     content = os.urandom(1 << 20)
     image_file.write_bytes(content)
     with ServerThread([mass_storage_device(str(image_file))]) as server:
         handler, fake, _ = _bridged(remote_side, server.port)
-        out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
-        bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
-        bulk_in_address = next(ep.address for ep in handler.layout.endpoints if ep.is_in)
-        submitted: list[int | bytes] = []
-        device = remote_side.remote
-        assert device is not None
-        real_submit = device.submit
-
-        def counting_submit(endpoint, data_or_length, **kwargs):
-            if endpoint == bulk_in_address:
-                submitted.append(data_or_length)
-            return real_submit(endpoint, data_or_length, **kwargs)
-
-        device.submit = counting_submit  # type: ignore[method-assign]
+        out, bulk_in, submitted = _watch_bulk_in(handler, remote_side)
         # READ(10) LBA 16, 240 blocks: what usb-storage sends for a 1 MiB read on a high-speed disk
         fake.deliver(out, _cbw(9, 240 * 512, bytes((0x28, 0, 0, 0, 0, 16, 0, 0, 240, 0))))
         fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 2)
@@ -183,20 +190,7 @@ def test_a_long_bulk_only_read_is_asked_of_the_remote_in_chunks_and_arrives_whol
     image_file.write_bytes(content)
     with ServerThread([mass_storage_device(str(image_file))]) as server:
         handler, fake, _ = _bridged(remote_side, server.port, depth=8, in_chunk=256 * 1024)
-        out = next(ep.index for ep in handler.layout.endpoints if not ep.is_in)
-        bulk_in = next(ep.index for ep in handler.layout.endpoints if ep.is_in)
-        bulk_in_address = next(ep.address for ep in handler.layout.endpoints if ep.is_in)
-        submitted: list[int | bytes] = []
-        device = remote_side.remote
-        assert device is not None
-        real_submit = device.submit
-
-        def counting_submit(endpoint, data_or_length, **kwargs):
-            if endpoint == bulk_in_address:
-                submitted.append(data_or_length)
-            return real_submit(endpoint, data_or_length, **kwargs)
-
-        device.submit = counting_submit  # type: ignore[method-assign]
+        out, bulk_in, submitted = _watch_bulk_in(handler, remote_side)
         for tag in (1, 2):  # READ(10) LBA 8, 2048 blocks (1 MiB), twice
             fake.deliver(out, _cbw(tag, 1 << 20, bytes((0x28, 0, 0, 0, 0, 8, 0, 0x08, 0, 0))))
             fake.run_until(lambda: len(fake.writes.get(bulk_in, [])) >= 5)
