@@ -120,6 +120,7 @@ _URB_DIR_IN = int(USBIP_URB_DIR_IN)
 _DIR_IN = int(USBIP_DIR_IN)
 _DIR_OUT = int(USBIP_DIR_OUT)
 _URB_ISO_ASAP = int(URB_ISO_ASAP)
+_INT32_MAX = 0x7FFFFFFF  # transfer_buffer_length is an int32 on the wire
 _READ_BUFFER = 1 << 20
 _HEAD_READ = 512  # bytes read past a payload bound for an `into`: the next headers, little of the next payload
 _WRITE_HIGH_WATER = 1 << 20
@@ -320,6 +321,53 @@ class Urb:
     def __repr__(self) -> str:
         state = "done" if self.done() else "unlinking" if self.unlink_seqnum else "pending"
         return f"<Urb seqnum={self.seqnum} ep={self.endpoint:#04x} length={self.length} {state}>"
+
+
+class UrbGroup:
+    """Plain bulk/interrupt URBs submitted together and awaited together (`RemoteDevice.submit_group`): a
+    Bulk-Only command's CBW, data and CSW. While every URB ends with status 0 and its full length, no `Urb`,
+    future or `UrbResult` is made per URB: the group keeps each answer as the core's tuple (`codec.PlainRet`,
+    in `results`) and one future for all. The first URB that ends otherwise (an error, a short transfer), a
+    timeout, the connection's end, or a caller asking for `urbs()` turns the group into ordinary `Urb`s — done
+    ones with their results, pending ones registered as if submitted alone — so every error is handled by the
+    per-URB code, exactly as for URBs submitted one by one. `await group` returns when all URBs ended cleanly
+    or the group was turned into `Urb`s (then `clean` is False)."""
+
+    __slots__ = ("_device", "_urbs", "deadline", "endpoints", "future", "intos", "lengths", "remaining",
+                 "results", "seqnums")
+
+    def __init__(self, device: RemoteDevice, seqnums: list[int], endpoints: list[int], lengths: list[int],
+                 intos: list[memoryview | None], future: asyncio.Future[None]) -> None:
+        self._device = device
+        self.seqnums = seqnums
+        self.endpoints = endpoints
+        self.lengths = lengths
+        self.intos = intos
+        self.future = future
+        self.results: list[PlainRet | None] = []  # set once all are submitted
+        self.remaining = 0
+        self.deadline: float | None = None
+        self._urbs: list[Urb] | None = None
+
+    @property
+    def clean(self) -> bool:
+        """Every URB ended with status 0 and moved its whole length (and the group is still a group)."""
+        return self._urbs is None and not self.remaining
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def urbs(self) -> list[Urb]:
+        """The group as ordinary `Urb`s, in submission order (the group stops being one): to wait for,
+        check, unlink or cancel each URB on its own, e.g. after a URB that did not end cleanly."""
+        return self._device._ungroup(self)
+
+    def __await__(self) -> Any:
+        return self.future.__await__()
+
+    def __repr__(self) -> str:
+        state = "clean" if self.clean else "urbs" if self._urbs is not None else "pending"
+        return f"<UrbGroup seqnums={self.seqnums} {state}>"
 
 
 # -- the connection edge -----------------------------------------------------------------------------------
@@ -657,6 +705,7 @@ class RemoteDevice:
             if type(loop).create_future is base.create_future else loop.create_future)
         self._time: Callable[[], float] = time.monotonic if type(loop).time is base.time else loop.time
         self._urbs: dict[int, Urb] = {}
+        self._grouped: dict[int, tuple[UrbGroup, int]] = {}  # seqnum -> its group and place, see UrbGroup
         self._unlinks: dict[int, Urb] = {}
         self.device_descriptor = DeviceDescriptor()
         self.configurations: tuple[Configuration, ...] = ()
@@ -687,12 +736,21 @@ class RemoteDevice:
     @property
     def pending(self) -> int:
         """URBs submitted and not answered yet."""
-        return len(self._urbs)
+        return len(self._urbs) + len(self._grouped)
 
     # -- dispatch (called by _Link inside data_received) ---------------------------------------------------
 
     def _on_event(self, event: object) -> None:
         if type(event) is RetSubmit:
+            if event.seqnum in self._grouped:  # the message path (e.g. debug logging): as _on_plain
+                data = event.transfer_buffer
+                group, index = self._grouped[event.seqnum]
+                if group.intos[index] is not None and data:
+                    typing.cast(memoryview, group.intos[index])[:len(data)] = data
+                    data = b""
+                self._on_plain((event.seqnum, event.status, event.actual_length, event.start_frame,
+                                event.error_count, data))
+                return
             urb = self._urbs.pop(event.seqnum, None)
             if urb is None:  # pragma: no cover - the core rejects unknown seqnums first
                 return
@@ -714,6 +772,17 @@ class RemoteDevice:
                 urb._finish(UrbResult(event.status, unlinked=True))
 
     def _on_plain(self, ret: PlainRet) -> None:
+        entry = self._grouped.pop(ret[0], None)
+        if entry is not None:
+            group, index = entry
+            group.results[index] = ret
+            if ret[1] or ret[2] != group.lengths[index]:  # not as planned: the URBs take over
+                self._ungroup(group)
+                return
+            group.remaining -= 1
+            if not group.remaining and not group.future.done():
+                group.future.set_result(None)
+            return
         urb = self._urbs.pop(ret[0], None)
         if urb is not None:  # else the core rejected it first (pragma: no cover)
             future = urb.future  # urb._finish(), inline: once per URB
@@ -739,6 +808,7 @@ class RemoteDevice:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self._ungroup_all()
         urbs = list(self._urbs.values())
         self._urbs.clear()
         self._unlinks.clear()
@@ -874,6 +944,113 @@ class RemoteDevice:
                 self._arm(deadline)
         return urb
 
+    def submit_group(self, transfers: Sequence[tuple[int, bytes | int, memoryview | None]], *,
+                     timeout: float | None = DEFAULT_TIMEOUT) -> UrbGroup:
+        """Send several bulk/interrupt CMD_SUBMITs now, as `submit` would one by one — `(endpoint, length, into)`
+        for IN (into may be None), `(endpoint, bytes, None)` for OUT — and return them as one `UrbGroup` that
+        ends when all of them did. The cheap way to run URBs that normally all succeed (a Bulk-Only command):
+        see `UrbGroup`. The timeout, from now, applies to each URB."""
+        link = self._link
+        if link.lost is not None:
+            raise link.lost
+        for endpoint, data_or_length, into in transfers:
+            if not (
+                endpoint & 0x0F
+                and not endpoint & 0x70
+                and (
+                    (type(data_or_length) is int and endpoint & 0x80 and 0 <= data_or_length <= _INT32_MAX
+                     and (into is None or (not into.readonly and into.format == "B"
+                                           and len(into) >= data_or_length)))
+                    or (type(data_or_length) is bytes and not endpoint & 0x80 and into is None
+                        and len(data_or_length) <= _INT32_MAX)
+                )
+            ):
+                raise UnsupportedTransfer(f"a URB group takes bulk or interrupt IN of a length (into: a writable "
+                                          f"byte view that long) or OUT of bytes, not {endpoint:#04x} "
+                                          f"{type(data_or_length).__name__}")
+        conn = link.conn
+        devid = self.devid
+        out = link._out
+        grouped = self._grouped
+        seqnums: list[int] = []
+        endpoints: list[int] = []
+        lengths: list[int] = []
+        intos: list[memoryview | None] = []
+        group = UrbGroup(self, seqnums, endpoints, lengths, intos,
+                         typing.cast("asyncio.Future[None]", self._new_future()))
+        if timeout is not None:
+            group.deadline = deadline = self._time() + timeout
+        try:
+            for index, (endpoint, data_or_length, into) in enumerate(transfers):
+                seqnum = conn.next_seqnum()
+                if type(data_or_length) is int:
+                    length = data_or_length
+                    out.extend(conn.submit_plain(seqnum, devid, _DIR_IN, endpoint & 0x0F, _URB_DIR_IN, length,
+                                                 b"", 0, into))
+                else:
+                    length = len(data_or_length)
+                    out.extend(conn.submit_plain(seqnum, devid, _DIR_OUT, endpoint & 0x0F, 0, length,
+                                                 typing.cast(bytes, data_or_length), 0))
+                seqnums.append(seqnum)
+                endpoints.append(endpoint)
+                lengths.append(length)
+                intos.append(into)
+                grouped[seqnum] = (group, index)
+        except BaseException:  # those already queued are real URBs: as if submitted one by one
+            group.results = [None] * len(seqnums)
+            self._ungroup(group)
+            raise
+        else:
+            group.results = [None] * len(seqnums)
+            group.remaining = len(seqnums)
+        finally:
+            if out and not link._flush_scheduled:
+                link._flush_scheduled = True
+                self._loop.call_soon(link.flush)
+            if timeout is not None and seqnums and (self._watchdog is None or deadline < self._watchdog_when):
+                self._arm(deadline)
+        return group
+
+    def _ungroup(self, group: UrbGroup) -> list[Urb]:
+        """Turn `group` into `Urb`s: done ones with their results, pending ones registered (see `UrbGroup`)."""
+        urbs = group._urbs
+        if urbs is not None:
+            return urbs
+        urbs = group._urbs = []
+        for index, seqnum in enumerate(group.seqnums):
+            urb = Urb(seqnum, group.endpoints[index], group.lengths[index], self._new_future())
+            urb.into = group.intos[index]
+            urb.deadline = group.deadline
+            ret = group.results[index]
+            if ret is not None:
+                urb.future.set_result(UrbResult(ret[1], ret[2], ret[5], False, ret[3], ret[4], ()))
+            elif self._grouped.pop(seqnum, None) is not None:
+                self._urbs[seqnum] = urb
+            urbs.append(urb)
+        if not group.future.done():
+            group.future.set_result(None)
+        return urbs
+
+    def _ungroup_all(self) -> None:
+        for group in dict.fromkeys(entry[0] for entry in self._grouped.values()):
+            self._ungroup(group)
+
+    async def wait_group(self, group: UrbGroup) -> None:
+        """Wait until `group` ended (cleanly, or turned into `Urb`s: see `UrbGroup`). If the waiting task is
+        cancelled, the group's pending URBs are unlinked in the background."""
+        future = group.future
+        if future.done():
+            return
+        link = self._link
+        if link._out:  # someone waits now: send what is queued without waiting for the loop's next turn
+            link.flush()
+        try:
+            await future
+        except asyncio.CancelledError:
+            for urb in self._ungroup(group):
+                self.cancel(urb)
+            raise
+
     # One timer for all URBs rather than one each: deadlines mostly grow, so a submit rarely re-arms it.
     def _arm(self, when: float) -> None:
         if self._watchdog is not None:
@@ -885,6 +1062,14 @@ class RemoteDevice:
         self._watchdog = None
         now = self._loop.time()
         following = None
+        for group in {entry[0] for entry in self._grouped.values()}:
+            deadline = group.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:  # its pending URBs become Urbs with this deadline: unlinked below
+                self._ungroup(group)
+            elif following is None or deadline < following:
+                following = deadline
         for urb in list(self._urbs.values()):
             deadline = urb.deadline
             if deadline is None or urb.unlink_seqnum is not None:
@@ -1217,6 +1402,7 @@ __all__ = [
     "TransferTimeout",
     "UnsupportedTransfer",
     "Urb",
+    "UrbGroup",
     "UrbResult",
     "import_device",
     "list_devices",

@@ -50,6 +50,7 @@ from emulator.host import (
     StallError,
     TransferError,
     Urb,
+    UrbGroup,
     UrbResult,
     status_text,
 )
@@ -771,15 +772,31 @@ class MassStorage:
         per = max(1, self.max_transfer // block_size)
         depth = self.commands_in_flight
         refill_at = depth - max(1, depth // _REFILL_FRACTION)
-        queue: collections.deque[tuple[_Started, int, int]] = collections.deque()  # command, first block, n
+        # A command in the queue: its URB group, first block, block count, CDB and tag.
+        queue: collections.deque[tuple[UrbGroup, int, int, bytes, int]] = collections.deque()
         started_blocks = 0
+        ep_out, ep_in, lun, timeout = self.ep_out, self.ep_in, self.lun, self.timeout
+        submit_group = device.submit_group
+        split = self.urbs_per_command > 1
 
         def start_next() -> None:
             nonlocal started_blocks
             n = min(per, count - started_blocks)
             cdb = _cdb_rw(READ_10, READ_16, lba + started_blocks, n)
-            target = out[started_blocks * block_size:(started_blocks + n) * block_size]
-            queue.append((self._start_read(cdb, target), started_blocks, n))
+            length = n * block_size
+            at = started_blocks * block_size
+            self._tag = tag = self._tag % 0xFFFFFFFF + 1  # _next_tag(), inline
+            cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, lun, len(cdb), cdb)
+            if split:  # the data phase in urbs_per_command URBs
+                transfers: list[tuple[int, bytes | int, memoryview | None]] = [(ep_out, cbw, None)]
+                for size in _split(length, self.urbs_per_command, self.max_packet_in):
+                    transfers.append((ep_in, size, out[at:at + size]))
+                    at += size
+                transfers.append((ep_in, US_BULK_CS_WRAP_LEN, None))
+            else:
+                transfers = [(ep_out, cbw, None), (ep_in, length, out[at:at + length]),
+                             (ep_in, US_BULK_CS_WRAP_LEN, None)]
+            queue.append((submit_group(transfers, timeout=timeout), started_blocks, n, cdb, tag))
             started_blocks += n
 
         try:
@@ -787,47 +804,48 @@ class MassStorage:
                 while started_blocks < count and len(queue) < depth:
                     start_next()
             while queue:
-                started, first, n = queue[0]
-                target = out[first * block_size:(first + n) * block_size]
-                if not await self._read_clean(started, target):
-                    later = [command for command, _, _ in list(queue)[1:]]
-                    while len(queue) > 1:
-                        queue.pop()
-                    seen = await self._withdraw(later)
-                    started_blocks = first + n
-                    await self._finish_read(started, target, seen)
+                group, first, n, cdb, tag = queue[0]
+                if not group.future.done():
+                    await device.wait_group(group)
+                if group.clean:  # every URB went as planned: is the CSW GOOD, with no residue?
+                    csw = group.results[-1]
+                    assert csw is not None
+                    signature, csw_tag, residue, status = _CSW.unpack(csw[5])
+                    clean = (signature == US_BULK_CS_SIGN and csw_tag == tag and not residue
+                             and status == US_BULK_STAT_OK)
+                else:
+                    clean = False
+                if not clean:  # URB by URB, as a command submitted alone would be checked and recovered
+                    target = out[first * block_size:(first + n) * block_size]
+                    started = self._started(group, cdb, tag, len(target))
+                    if not await self._read_clean(started, target):
+                        later = [command.urbs() for command, _, _, _, _ in list(queue)[1:]]
+                        while len(queue) > 1:
+                            queue.pop()
+                        seen = await self._withdraw(later)
+                        started_blocks = first + n
+                        await self._finish_read(started, target, seen)
                 queue.popleft()
                 if started_blocks < count and len(queue) <= refill_at:
                     with device.batched():  # several commands in one write: fewer sends, same order
                         while started_blocks < count and len(queue) < depth:
                             start_next()
         except asyncio.CancelledError:
-            for command, _, _ in queue:
-                for urb in command.urbs:
+            for command, _, _, _, _ in queue:
+                for urb in command.urbs():
                     device.cancel(urb)
             self._needs_recovery = True
             raise
         except BaseException:
-            for command, _, _ in queue:  # e.g. the device went away: nothing of them is awaited any more
-                for urb in command.urbs:
+            for command, _, _, _, _ in queue:  # e.g. the device went away: nothing of them is awaited any more
+                for urb in command.urbs():
                     device.cancel(urb)
             raise
 
-    def _start_read(self, cdb: bytes, into: memoryview) -> _Started:
-        """`_start` of a pipelined READ into `into` (the caller batches the writes): CBW, data, CSW URBs."""
-        submit = self.device.submit
-        timeout = self.timeout
-        tag = self._next_tag()
-        length = len(into)
-        cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, self.lun, len(cdb), cdb)
-        cbw_urb = submit(self.ep_out, cbw, timeout=timeout)
-        if self.urbs_per_command == 1:
-            data_urbs = [submit(self.ep_in, length, timeout=timeout, into=into)]
-        else:
-            self._command_urbs = []
-            data_urbs = self._submit_data(length, b"", self.max_packet_in, timeout, into)
-        csw_urb = submit(self.ep_in, US_BULK_CS_WRAP_LEN, timeout=timeout)
-        return _Started(cdb, tag, length, b"", timeout, cbw_urb, data_urbs, csw_urb, [cbw_urb, *data_urbs, csw_urb])
+    def _started(self, group: UrbGroup, cdb: bytes, tag: int, length: int) -> _Started:
+        """A pipelined READ's URB group as the URBs `_read_clean`, `_complete` and recovery work on."""
+        urbs = group.urbs()
+        return _Started(cdb, tag, length, b"", self.timeout, urbs[0], urbs[1:-1], urbs[-1], list(urbs))
 
     async def _read_clean(self, started: _Started, target: memoryview) -> bool:
         """Wait for a READ's URBs; True (data in `target`) if every phase went as planned and the CSW
@@ -856,12 +874,12 @@ class MassStorage:
         signature, tag, residue, status = _CSW.unpack(result.data)
         return signature == US_BULK_CS_SIGN and tag == started.tag and not residue and status == US_BULK_STAT_OK
 
-    async def _withdraw(self, commands: Sequence[_Started]) -> bool:
+    async def _withdraw(self, commands: Sequence[Sequence[Urb]]) -> bool:
         """Unlink the URBs of commands queued behind one that went wrong; True if the device saw any of
         them (a URB completed rather than being unlinked or refused), so its sense data and BOT state may
         belong to a later command."""
         device = self.device
-        urbs = [urb for command in commands for urb in command.urbs]
+        urbs = [urb for command in commands for urb in command]
         for urb in urbs:
             if not urb.done():
                 device.cancel(urb)
