@@ -333,19 +333,19 @@ class UrbGroup:
     per-URB code, exactly as for URBs submitted one by one. `await group` returns when all URBs ended cleanly
     or the group was turned into `Urb`s (then `clean` is False)."""
 
-    __slots__ = ("_device", "_urbs", "deadline", "endpoints", "future", "intos", "lengths", "remaining",
-                 "results", "seqnums")
+    __slots__ = ("_device", "_urbs", "deadline", "future", "lengths", "remaining", "results", "seqnums",
+                 "transfers")
 
-    def __init__(self, device: RemoteDevice, seqnums: list[int], endpoints: list[int], lengths: list[int],
-                 intos: list[memoryview | None], future: asyncio.Future[None]) -> None:
+    def __init__(self, device: RemoteDevice, seqnums: list[int],
+                 transfers: tuple[tuple[int, bytes | int, memoryview | None], ...], lengths: list[int],
+                 future: asyncio.Future[None]) -> None:
         self._device = device
         self.seqnums = seqnums
-        self.endpoints = endpoints
+        self.transfers = transfers  # as submit_group was given them: (endpoint, data or length, into)
         self.lengths = lengths
-        self.intos = intos
         self.future = future
-        self.results: list[PlainRet | None] = []  # set once all are submitted
-        self.remaining = 0
+        self.results: list[PlainRet | None] = [None] * len(seqnums)
+        self.remaining = len(seqnums)
         self.deadline: float | None = None
         self._urbs: list[Urb] | None = None
 
@@ -745,8 +745,9 @@ class RemoteDevice:
             if event.seqnum in self._grouped:  # the message path (e.g. debug logging): as _on_plain
                 data = event.transfer_buffer
                 group, index = self._grouped[event.seqnum]
-                if group.intos[index] is not None and data:
-                    typing.cast(memoryview, group.intos[index])[:len(data)] = data
+                into = group.transfers[index][2]
+                if into is not None and data:
+                    into[:len(data)] = data
                     data = b""
                 self._on_plain((event.seqnum, event.status, event.actual_length, event.start_frame,
                                 event.error_count, data))
@@ -953,62 +954,50 @@ class RemoteDevice:
         link = self._link
         if link.lost is not None:
             raise link.lost
-        for endpoint, data_or_length, into in transfers:
-            if not (
-                endpoint & 0x0F
-                and not endpoint & 0x70
-                and (
-                    (type(data_or_length) is int and endpoint & 0x80 and 0 <= data_or_length <= _INT32_MAX
-                     and (into is None or (not into.readonly and into.format == "B"
-                                           and len(into) >= data_or_length)))
-                    or (type(data_or_length) is bytes and not endpoint & 0x80 and into is None
-                        and len(data_or_length) <= _INT32_MAX)
-                )
-            ):
-                raise UnsupportedTransfer(f"a URB group takes bulk or interrupt IN of a length (into: a writable "
-                                          f"byte view that long) or OUT of bytes, not {endpoint:#04x} "
-                                          f"{type(data_or_length).__name__}")
+        transfers = tuple(transfers)
+        lengths = []
+        for endpoint, data_or_length, into in transfers:  # all checked first: all or none are submitted
+            if type(data_or_length) is int:
+                if (0x80 < endpoint <= 0x8F and 0 <= data_or_length <= _INT32_MAX
+                        and (into is None or (len(into) >= data_or_length and not into.readonly
+                                              and into.format == "B"))):
+                    lengths.append(data_or_length)
+                    continue
+            elif (type(data_or_length) is bytes and 0 < endpoint <= 0x0F and into is None
+                  and len(data_or_length) <= _INT32_MAX):
+                lengths.append(len(data_or_length))
+                continue
+            raise UnsupportedTransfer(f"a URB group takes bulk or interrupt IN of a length (into: a writable byte "
+                                      f"view that long) or OUT of bytes, not {endpoint:#04x} "
+                                      f"{type(data_or_length).__name__}")
         conn = link.conn
         devid = self.devid
         out = link._out
-        grouped = self._grouped
         seqnums: list[int] = []
-        endpoints: list[int] = []
-        lengths: list[int] = []
-        intos: list[memoryview | None] = []
-        group = UrbGroup(self, seqnums, endpoints, lengths, intos,
-                         typing.cast("asyncio.Future[None]", self._new_future()))
-        if timeout is not None:
-            group.deadline = deadline = self._time() + timeout
         try:
-            for index, (endpoint, data_or_length, into) in enumerate(transfers):
+            for endpoint, data_or_length, into in transfers:
                 seqnum = conn.next_seqnum()
-                if type(data_or_length) is int:
-                    length = data_or_length
-                    out.extend(conn.submit_plain(seqnum, devid, _DIR_IN, endpoint & 0x0F, _URB_DIR_IN, length,
-                                                 b"", 0, into))
+                if endpoint & 0x80:
+                    out += conn.submit_plain(seqnum, devid, _DIR_IN, endpoint & 0x0F, _URB_DIR_IN,
+                                             typing.cast(int, data_or_length), b"", 0, into)
                 else:
-                    length = len(data_or_length)
-                    out.extend(conn.submit_plain(seqnum, devid, _DIR_OUT, endpoint & 0x0F, 0, length,
-                                                 typing.cast(bytes, data_or_length), 0))
+                    out += conn.submit_plain(seqnum, devid, _DIR_OUT, endpoint, 0, len(typing.cast(bytes, data_or_length)),
+                                             typing.cast(bytes, data_or_length), 0)
                 seqnums.append(seqnum)
-                endpoints.append(endpoint)
-                lengths.append(length)
-                intos.append(into)
-                grouped[seqnum] = (group, index)
-        except BaseException:  # those already queued are real URBs: as if submitted one by one
-            group.results = [None] * len(seqnums)
-            self._ungroup(group)
-            raise
-        else:
-            group.results = [None] * len(seqnums)
-            group.remaining = len(seqnums)
         finally:
+            group = UrbGroup(self, seqnums, transfers, lengths, typing.cast("asyncio.Future[None]", self._new_future()))
+            grouped = self._grouped
+            for index, seqnum in enumerate(seqnums):
+                grouped[seqnum] = (group, index)
             if out and not link._flush_scheduled:
                 link._flush_scheduled = True
                 self._loop.call_soon(link.flush)
-            if timeout is not None and seqnums and (self._watchdog is None or deadline < self._watchdog_when):
-                self._arm(deadline)
+            if timeout is not None and seqnums:
+                group.deadline = deadline = self._time() + timeout
+                if self._watchdog is None or deadline < self._watchdog_when:
+                    self._arm(deadline)
+            if len(seqnums) < len(transfers):  # what was queued are real URBs: as if submitted one by one
+                self._ungroup(group)
         return group
 
     def _ungroup(self, group: UrbGroup) -> list[Urb]:
@@ -1018,8 +1007,9 @@ class RemoteDevice:
             return urbs
         urbs = group._urbs = []
         for index, seqnum in enumerate(group.seqnums):
-            urb = Urb(seqnum, group.endpoints[index], group.lengths[index], self._new_future())
-            urb.into = group.intos[index]
+            endpoint, _, into = group.transfers[index]
+            urb = Urb(seqnum, endpoint, group.lengths[index], self._new_future())
+            urb.into = into
             urb.deadline = group.deadline
             ret = group.results[index]
             if ret is not None:
