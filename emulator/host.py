@@ -323,6 +323,20 @@ class Urb:
         return f"<Urb seqnum={self.seqnum} ep={self.endpoint:#04x} length={self.length} {state}>"
 
 
+def _plain_length(endpoint: int, data_or_length: bytes | bytearray | memoryview | int,
+                  into: memoryview | None) -> int:
+    """The length of a URB the core packs without a message object (`ClientConnection.submit_plain`): bulk or
+    interrupt IN of a length (`into`, if any, a writable byte view that long) or OUT of immutable bytes, that
+    the wire's int32 length can carry; -1 for anything else (`RemoteDevice.submit` checks it the long way)."""
+    if type(data_or_length) is int:
+        if (0x80 < endpoint <= 0x8F and 0 <= data_or_length <= _INT32_MAX
+                and (into is None or (len(into) >= data_or_length and not into.readonly and into.format == "B"))):
+            return data_or_length
+    elif type(data_or_length) is bytes and 0 < endpoint <= 0x0F and into is None and len(data_or_length) <= _INT32_MAX:
+        return len(data_or_length)
+    return -1
+
+
 class UrbGroup:
     """Plain bulk/interrupt URBs submitted together and awaited together (`RemoteDevice.submit_group`): a
     Bulk-Only command's CBW, data and CSW. While every URB ends with status 0 and its full length, no `Urb`,
@@ -839,39 +853,18 @@ class RemoteDevice:
         if link.lost is not None:
             raise link.lost
         number = endpoint & 0x0F
-        if (  # bulk or interrupt, IN of a length or OUT of bytes: the per-URB path, checked in one test
-            number
-            and not endpoint & 0x70
-            and setup is None
-            and iso_packets is None
-            and (
-                (type(data_or_length) is int and endpoint & 0x80 and data_or_length >= 0
-                 and (into is None or (not into.readonly and into.format == "B" and len(into) >= data_or_length)))
-                or (type(data_or_length) is bytes and not endpoint & 0x80 and into is None)
-            )
-        ):
-            conn = link.conn
-            seqnum = conn.next_seqnum()
-            if type(data_or_length) is int:
-                length = data_or_length
-                buffers = conn.submit_plain(seqnum, self.devid, _DIR_IN, number, transfer_flags | _URB_DIR_IN,
-                                            length, b"", interval, into)
-            else:
-                length = len(data_or_length)
-                buffers = conn.submit_plain(seqnum, self.devid, _DIR_OUT, number, transfer_flags, length,
-                                            data_or_length, interval)
-            link._out.extend(buffers)  # link.queue(), inline
-            if not link._flush_scheduled:
-                link._flush_scheduled = True
-                self._loop.call_soon(link.flush)
+        length = _plain_length(endpoint, data_or_length, into)
+        if length >= 0 and setup is None and iso_packets is None:  # the per-URB path: checked in one test
+            seqnums: list[int] = []
+            self._queue_plain(((endpoint, typing.cast("bytes | int", data_or_length), into),), (length,),
+                              transfer_flags, interval, seqnums)
+            seqnum = seqnums[0]
             urb = Urb(seqnum, endpoint, length, self._new_future())
             urb.on_done = on_done
             urb.into = into
             self._urbs[seqnum] = urb
             if timeout is not None:
-                urb.deadline = deadline = self._time() + timeout
-                if self._watchdog is None or deadline < self._watchdog_when:
-                    self._arm(deadline)
+                urb.deadline = self._expire_at(timeout)
             return urb
         if endpoint & 0x70:
             raise UnsupportedTransfer(f"endpoint address {endpoint:#04x} has reserved bits set")
@@ -940,10 +933,38 @@ class RemoteDevice:
         urb.into = into
         self._urbs[seqnum] = urb
         if timeout is not None:
-            urb.deadline = deadline = self._loop.time() + timeout
-            if self._watchdog is None or deadline < self._watchdog_when:
-                self._arm(deadline)
+            urb.deadline = self._expire_at(timeout)
         return urb
+
+    def _queue_plain(self, transfers: Sequence[tuple[int, bytes | int, memoryview | None]], lengths: Sequence[int],
+                     transfer_flags: int, interval: int, seqnums: list[int]) -> None:
+        """Queue the CMD_SUBMITs of URBs `_plain_length` passed (`lengths` is what it said), in order, and the
+        write that sends them; each one's seqnum goes to `seqnums` as it is queued (a refusal raises there)."""
+        link = self._link
+        conn = link.conn
+        devid = self.devid
+        out = link._out
+        try:
+            for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=False):  # as long
+                seqnum = conn.next_seqnum()
+                if endpoint & 0x80:
+                    out += conn.submit_plain(seqnum, devid, _DIR_IN, endpoint & 0x0F, transfer_flags | _URB_DIR_IN,
+                                             length, b"", interval, into)
+                else:
+                    out += conn.submit_plain(seqnum, devid, _DIR_OUT, endpoint, transfer_flags, length,
+                                             typing.cast(bytes, data_or_length), interval)
+                seqnums.append(seqnum)
+        finally:
+            if out and not link._flush_scheduled:  # link.queue()'s scheduling, once for them all
+                link._flush_scheduled = True
+                self._loop.call_soon(link.flush)
+
+    def _expire_at(self, timeout: float) -> float:
+        """The deadline of a URB submitted now with `timeout`, the watchdog armed for it."""
+        deadline = self._time() + timeout
+        if self._watchdog is None or deadline < self._watchdog_when:
+            self._arm(deadline)
+        return deadline
 
     def submit_group(self, transfers: Sequence[tuple[int, bytes | int, memoryview | None]], *,
                      timeout: float | None = DEFAULT_TIMEOUT) -> UrbGroup:
@@ -957,45 +978,22 @@ class RemoteDevice:
         transfers = tuple(transfers)
         lengths = []
         for endpoint, data_or_length, into in transfers:  # all checked first: all or none are submitted
-            if type(data_or_length) is int:
-                if (0x80 < endpoint <= 0x8F and 0 <= data_or_length <= _INT32_MAX
-                        and (into is None or (len(into) >= data_or_length and not into.readonly
-                                              and into.format == "B"))):
-                    lengths.append(data_or_length)
-                    continue
-            elif (type(data_or_length) is bytes and 0 < endpoint <= 0x0F and into is None
-                  and len(data_or_length) <= _INT32_MAX):
-                lengths.append(len(data_or_length))
-                continue
-            raise UnsupportedTransfer(f"a URB group takes bulk or interrupt IN of a length (into: a writable byte "
-                                      f"view that long) or OUT of bytes, not {endpoint:#04x} "
-                                      f"{type(data_or_length).__name__}")
-        conn = link.conn
-        devid = self.devid
-        out = link._out
+            length = _plain_length(endpoint, data_or_length, into)
+            if length < 0:
+                raise UnsupportedTransfer(f"a URB group takes bulk or interrupt IN of a length (into: a writable "
+                                          f"byte view that long) or OUT of bytes, not {endpoint:#04x} "
+                                          f"{type(data_or_length).__name__}")
+            lengths.append(length)
         seqnums: list[int] = []
         try:
-            for endpoint, data_or_length, into in transfers:
-                seqnum = conn.next_seqnum()
-                if endpoint & 0x80:
-                    out += conn.submit_plain(seqnum, devid, _DIR_IN, endpoint & 0x0F, _URB_DIR_IN,
-                                             typing.cast(int, data_or_length), b"", 0, into)
-                else:
-                    out += conn.submit_plain(seqnum, devid, _DIR_OUT, endpoint, 0, len(typing.cast(bytes, data_or_length)),
-                                             typing.cast(bytes, data_or_length), 0)
-                seqnums.append(seqnum)
+            self._queue_plain(transfers, lengths, 0, 0, seqnums)
         finally:
             group = UrbGroup(self, seqnums, transfers, lengths, typing.cast("asyncio.Future[None]", self._new_future()))
             grouped = self._grouped
             for index, seqnum in enumerate(seqnums):
                 grouped[seqnum] = (group, index)
-            if out and not link._flush_scheduled:
-                link._flush_scheduled = True
-                self._loop.call_soon(link.flush)
             if timeout is not None and seqnums:
-                group.deadline = deadline = self._time() + timeout
-                if self._watchdog is None or deadline < self._watchdog_when:
-                    self._arm(deadline)
+                group.deadline = self._expire_at(timeout)
             if len(seqnums) < len(transfers):  # what was queued are real URBs: as if submitted one by one
                 self._ungroup(group)
         return group

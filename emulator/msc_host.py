@@ -302,6 +302,12 @@ def _split(total: int, parts: int, quantum: int) -> list[int]:
     return pieces
 
 
+
+def _csw_good(raw: bytes, tag: int) -> bool:
+    """A 13-byte CSW answering `tag` with GOOD status and no residue: the command went as planned."""
+    signature, csw_tag, residue, status = _CSW.unpack(raw)
+    return signature == US_BULK_CS_SIGN and csw_tag == tag and not residue and status == US_BULK_STAT_OK
+
 # -- the initiator -----------------------------------------------------------------------------------------
 
 
@@ -777,7 +783,8 @@ class MassStorage:
         started_blocks = 0
         ep_out, ep_in, lun, timeout = self.ep_out, self.ep_in, self.lun, self.timeout
         submit_group = device.submit_group
-        split = self.urbs_per_command > 1
+        full = per * block_size  # every command's length but maybe the last: its data URBs planned once
+        sizes = _split(full, self.urbs_per_command, self.max_packet_in)
 
         def start_next() -> None:
             nonlocal started_blocks
@@ -785,17 +792,13 @@ class MassStorage:
             cdb = _cdb_rw(READ_10, READ_16, lba + started_blocks, n)
             length = n * block_size
             at = started_blocks * block_size
-            self._tag = tag = self._tag % 0xFFFFFFFF + 1  # _next_tag(), inline
+            tag = self._next_tag()
             cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, lun, len(cdb), cdb)
-            if split:  # the data phase in urbs_per_command URBs
-                transfers: list[tuple[int, bytes | int, memoryview | None]] = [(ep_out, cbw, None)]
-                for size in _split(length, self.urbs_per_command, self.max_packet_in):
-                    transfers.append((ep_in, size, out[at:at + size]))
-                    at += size
-                transfers.append((ep_in, US_BULK_CS_WRAP_LEN, None))
-            else:
-                transfers = [(ep_out, cbw, None), (ep_in, length, out[at:at + length]),
-                             (ep_in, US_BULK_CS_WRAP_LEN, None)]
+            transfers: list[tuple[int, bytes | int, memoryview | None]] = [(ep_out, cbw, None)]
+            for size in sizes if length == full else _split(length, self.urbs_per_command, self.max_packet_in):
+                transfers.append((ep_in, size, out[at:at + size]))  # the data phase in urbs_per_command URBs
+                at += size
+            transfers.append((ep_in, US_BULK_CS_WRAP_LEN, None))
             queue.append((submit_group(transfers, timeout=timeout), started_blocks, n, cdb, tag))
             started_blocks += n
 
@@ -807,15 +810,8 @@ class MassStorage:
                 group, first, n, cdb, tag = queue[0]
                 if not group.future.done():
                     await device.wait_group(group)
-                if group.clean:  # every URB went as planned: is the CSW GOOD, with no residue?
-                    csw = group.results[-1]
-                    assert csw is not None
-                    signature, csw_tag, residue, status = _CSW.unpack(csw[5])
-                    clean = (signature == US_BULK_CS_SIGN and csw_tag == tag and not residue
-                             and status == US_BULK_STAT_OK)
-                else:
-                    clean = False
-                if not clean:  # URB by URB, as a command submitted alone would be checked and recovered
+                csw = group.results[-1]  # set if clean: every URB went as planned
+                if not (group.clean and csw is not None and _csw_good(csw[5], tag)):  # URB by URB, as a command submitted alone would be checked and recovered
                     target = out[first * block_size:(first + n) * block_size]
                     started = self._started(group, cdb, tag, len(target))
                     if not await self._read_clean(started, target):
@@ -851,28 +847,20 @@ class MassStorage:
         """Wait for a READ's URBs; True (data in `target`) if every phase went as planned and the CSW
         says GOOD with no residue, False at the first thing that did not (nothing recovered yet)."""
         wait = self.device.wait
-        urb = started.cbw_urb
-        future = urb.future  # a done URB's result without a coroutine for device.wait()
-        result = future.result() if future.done() else await wait(urb)
+        result = await wait(started.cbw_urb)
         if result.status or result.actual_length != US_BULK_CB_WRAP_LEN:
             return False
         position = 0
         for urb in started.data_urbs:
-            future = urb.future
-            result = future.result() if future.done() else await wait(urb)
+            result = await wait(urb)
             if result.status or result.actual_length != urb.length:
                 return False
             if urb.into is None:
                 target[position:position + urb.length] = result.data
             position += urb.length
-        urb = started.csw_urb
-        assert urb is not None
-        future = urb.future
-        result = future.result() if future.done() else await wait(urb)
-        if result.status or result.actual_length != US_BULK_CS_WRAP_LEN:
-            return False
-        signature, tag, residue, status = _CSW.unpack(result.data)
-        return signature == US_BULK_CS_SIGN and tag == started.tag and not residue and status == US_BULK_STAT_OK
+        assert started.csw_urb is not None
+        result = await wait(started.csw_urb)
+        return result.actual_length == US_BULK_CS_WRAP_LEN and not result.status and _csw_good(result.data, started.tag)
 
     async def _withdraw(self, commands: Sequence[Sequence[Urb]]) -> bool:
         """Unlink the URBs of commands queued behind one that went wrong; True if the device saw any of
