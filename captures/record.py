@@ -115,6 +115,14 @@ def _read(parts: Sequence[_Piece]) -> Sequence[bytes | bytearray | memoryview]:
     return [bytes(part) if type(part) is FileRegion else part for part in parts]  # type: ignore[misc]
 
 
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` at the file's position (a regular file writes short only at a limit: this gets the
+    error then)."""
+    rest = memoryview(data)
+    while rest:
+        rest = rest[os.write(fd, rest) :]
+
+
 @functools.lru_cache(maxsize=256)
 def _sized(filled: int) -> tuple[bytes, bytes, bytes, int]:
     """What an EPB of one IPv4 segment of `filled` payload bytes holds that depends on that length only: its
@@ -922,9 +930,7 @@ class PcapngRecorder:
         done = os.writev(fd, buffers)
         size = sum(map(len, buffers))
         if done < size:  # a regular file writes short only at a limit: finish, or get the error
-            rest = memoryview(b"".join(buffers))[done:]
-            while rest:
-                rest = rest[os.write(fd, rest) :]
+            _write_all(fd, memoryview(b"".join(buffers))[done:])
         self._offset += size
 
     def _copy(self, fd: int, region: FileRegion) -> None:
@@ -944,9 +950,7 @@ class PcapngRecorder:
             else:
                 data = os.pread(source, min(left, 1 << 20), offset)
                 done = len(data)
-                rest = memoryview(data)
-                while rest:
-                    rest = rest[os.write(fd, rest) :]
+                _write_all(fd, data)
             if not done:
                 raise OSError(
                     errno.ENODATA,
