@@ -79,9 +79,9 @@ log = logging.getLogger(__name__)
 US_BULK_RESET_REQUEST = 0xFF
 BOT_IN_CHUNK = 256 * 1024  # a Bulk-Only data-in is asked of the remote in URBs this big (pipelined)
 INTO_MIN = 16 * 1024  # IN URBs this big are read into a reused buffer of their pipe, written to the gadget from it
-CONTROL_TIMEOUT = 5.0
+CONTROL_TIMEOUT = 5.0  # the kernel's USB_CTRL_GET_TIMEOUT; the local host gives up about then too
 _CLASS_OUT_TO_INTERFACE = 0x21  # bmRequestType of the Bulk-Only reset
-_STANDARD_OUT_TO_ENDPOINT = 0x02  # of CLEAR_FEATURE(ENDPOINT_HALT)  # the kernel's USB_CTRL_GET_TIMEOUT; the local host gives up about then too
+_STANDARD_OUT_TO_ENDPOINT = 0x02  # of CLEAR_FEATURE(ENDPOINT_HALT)
 BRIDGES_DIR = LOCK_DIR / "bridges"
 _MAX_SPEED = {Speed.LOW: "full-speed", Speed.FULL: "full-speed", Speed.HIGH: "high-speed",
               Speed.SUPER: "super-speed", Speed.SUPER_PLUS: "super-speed"}
@@ -439,23 +439,22 @@ class BridgeFunction:
 
     def _cancel_all(self) -> None:
         for pipe in self._pipes.values():
-            for token in pipe.urbs:
-                self._cancel(token)
-            pipe.pending.clear()
+            self._restart(pipe)
             pipe.halt_pending = False
-            pipe.held.clear()
-            pipe.stale = 0
-            pipe.sizer.reset()
 
     def _restart_interface(self, interface: int) -> None:
         for pipe in self._pipes.values():
             if pipe.ep.interface == interface:
-                for token in pipe.urbs:
-                    self._cancel(token)
-                pipe.pending.clear()
-                pipe.held.clear()
-                pipe.stale = 0
-                pipe.sizer.reset()
+                self._restart(pipe)
+
+    def _restart(self, pipe: _Pipe) -> None:
+        """Drop all `pipe` has under way (its URBs at the remote unlinked) and start its transfers afresh."""
+        for token in pipe.urbs:
+            self._cancel(token)
+        pipe.pending.clear()
+        pipe.held.clear()
+        pipe.stale = 0
+        pipe.sizer.reset()
 
     def _submit(self, pipe: _Pipe, data_or_length: bytes | int) -> None:
         """Send one URB now (it leaves with whatever else this turn of the loop submits)."""
