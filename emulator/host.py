@@ -858,14 +858,7 @@ class RemoteDevice:
             seqnums: list[int] = []
             self._queue_plain(((endpoint, typing.cast("bytes | int", data_or_length), into),), (length,),
                               transfer_flags, interval, seqnums)
-            seqnum = seqnums[0]
-            urb = Urb(seqnum, endpoint, length, self._new_future())
-            urb.on_done = on_done
-            urb.into = into
-            self._urbs[seqnum] = urb
-            if timeout is not None:
-                urb.deadline = self._expire_at(timeout)
-            return urb
+            return self._register(seqnums[0], endpoint, length, (), on_done, into, timeout)
         if endpoint & 0x70:
             raise UnsupportedTransfer(f"endpoint address {endpoint:#04x} has reserved bits set")
         direction = USBIP_DIR_IN if endpoint & 0x80 else USBIP_DIR_OUT
@@ -927,8 +920,12 @@ class RemoteDevice:
                                 number_of_packets=len(isos), interval=interval, setup=setup_bytes,
                                 transfer_buffer=typing.cast(bytes, payload), iso_packet_descriptors=isos))
         # (a LocalProtocolError above leaves nothing registered)
-        future: asyncio.Future[UrbResult] = self._loop.create_future()
-        urb = Urb(seqnum, endpoint, length, future, lengths)
+        return self._register(seqnum, endpoint, length, lengths, on_done, into, timeout)
+
+    def _register(self, seqnum: int, endpoint: int, length: int, iso_lengths: tuple[int, ...],
+                  on_done: Callable[[Urb], None] | None, into: memoryview | None, timeout: float | None) -> Urb:
+        """The `Urb` of a CMD_SUBMIT just queued, registered for its answer, its deadline armed."""
+        urb = Urb(seqnum, endpoint, length, self._new_future(), iso_lengths)
         urb.on_done = on_done
         urb.into = into
         self._urbs[seqnum] = urb
