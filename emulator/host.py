@@ -26,6 +26,7 @@ fails with `DeviceGone` naming why.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -35,10 +36,11 @@ import socket
 import struct
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
+from emulator.blocking import BlockingFuture, BlockingLoop
 from emulator.errors import VusbError
 from emulator.tap import SessionTap, Tap, data_callback, session_tap
 from emulator.usb.descriptors import (
@@ -103,6 +105,7 @@ from emulator.usbip.constants import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT: Final = 5.0
 """Seconds a transfer may take unless told otherwise: the kernel's USB_CTRL_GET_TIMEOUT (5000 ms)."""
@@ -387,96 +390,46 @@ class UrbGroup:
 # -- the connection edge -----------------------------------------------------------------------------------
 
 
-class _Link(asyncio.BufferedProtocol):
-    """The socket edge of one connection: bytes into the core, events out to `on_event`, the end of the
-    connection to `on_lost` (exactly once). The kernel reads straight into one preallocated buffer
-    (`BufferedProtocol`), so no bytes object is allocated per read."""
+class _LinkCore:
+    """What both socket edges of a connection share: the core, the dispatch of its events to `on_event` /
+    `on_plain`, the end of the connection to `on_lost` (exactly once), the queue of bytes to send and the
+    tap. `_Link` is the asyncio edge, `_BlockingLink` the one `emulator.blocking` drives."""
 
-    def __init__(self, peer: str, tap: Tap | SessionTap | None = None) -> None:
+    def __init__(self, peer: str, tap: Tap | SessionTap | None, loop: Any) -> None:
         self.peer = peer
         self.conn = ClientConnection()
         self.cid = next(_CONNECTION_IDS)
         self._tap = data_callback(tap)  # sees every byte both ways (emulator.tap)
         self._session_tap = session_tap(tap)
-        self.transport: asyncio.Transport | None = None
         self.on_event: Callable[[object], None] = self._unexpected
         self.on_plain: Callable[[PlainRet], None] | None = None  # plain RET_SUBMITs as tuples, if set
         self.on_lost: Callable[[HostError], None] = lambda error: None
         self.lost: HostError | None = None
         self.closing = False
-        self._paused = False
-        self._drained: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._receive = memoryview(bytearray(_READ_BUFFER if self._tap is not None else 0))
-        self._fd = -1  # the socket's, read directly by _read_on (no tap)
-        self.closed = self._loop.create_future()
+        self._fd = -1  # the socket's, read directly with readv (no tap)
+        self.closed = loop.create_future()
 
-    # -- asyncio.Protocol ------------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
+    def _opened(self, sock: socket.socket | None) -> None:
+        """Tune a new connection's socket and tell the session tap about it."""
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        if sock is not None and self._tap is None:
-            self._fd = sock.fileno()
+            if self._tap is None:
+                self._fd = sock.fileno()
         if self._session_tap is not None:
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 self._session_tap.opened(self.cid, sock.getsockname()[:2], sock.getpeername()[:2])
             else:
                 self._session_tap = None
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._tap is None:  # the kernel writes straight into the core's buffer (or a URB's `into`)
-            return self.conn.get_buffers(_HEAD_READ if self.conn.reading_into else _READ_BUFFER)[0]
-        return self._receive
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._tap is None:
-            self.conn.buffer_updated(nbytes)
-        else:
-            self._tap(self.cid, False, bytes(self._receive[:nbytes]))
-            self.conn.receive_data(self._receive[:nbytes])
-        self._pump()
-        if self._fd >= 0 and self.conn.reading_into:
-            self._read_on()
-        if self._out:  # what the completions submitted leaves now, not one more turn of the loop later
-            self.flush()
-
-    def _read_on(self) -> None:
-        """Read on here, until the socket is empty, while URBs with `into` are pending: one readv puts the
-        rest of a payload into its `into` and the next headers (`_HEAD_READ` bytes) into the core's buffer,
-        so payloads are not copied, and a turn of the event loop still takes all that has arrived. The
-        transport's own next read sees the end of the stream or an error first reported here is fatal."""
-        conn = self.conn
-        fd = self._fd
-        readv = os.readv
-        while self.lost is None and conn.reading_into:
-            try:
-                nbytes = readv(fd, conn.get_buffers(_HEAD_READ))
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.abort(DeviceGone(f"the connection to {self.peer} was lost: {exc}"))
-                return
-            if not nbytes:
-                return  # the end of the stream: the transport's next read reports it
-            conn.buffer_updated(nbytes)
-            self._pump()
-
-    def eof_received(self) -> bool:
-        self.conn.receive_data(b"")
-        self._pump()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _ended(self, exc: BaseException | None) -> None:
+        """The connection is over (`exc`: why, if it broke): everyone waiting learns it."""
         if exc is not None:
             why = f"the connection to {self.peer} was lost: {exc}"
         elif self.closing:
@@ -486,20 +439,25 @@ class _Link(asyncio.BufferedProtocol):
         self._lost(DeviceGone(why))
         if self._session_tap is not None:
             self._session_tap.closed(self.cid, why)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+            self._session_tap = None
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def pause_writing(self) -> None:
-        self._paused = True
+    def _received(self, nbytes: int) -> None:
+        """`nbytes` arrived: in the core's buffer (or a URB's `into`), or in `_receive` when tapped."""
+        if self._tap is None:
+            self.conn.buffer_updated(nbytes)
+        else:
+            self._tap(self.cid, False, bytes(self._receive[:nbytes]))
+            self.conn.receive_data(self._receive[:nbytes])
+        self._pump()
 
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    # -- driving -----------------------------------------------------------------------------------------
+    def _receive_buffers(self) -> list[memoryview]:
+        """Where the next read goes: the core's buffers (a payload's `into`, then `_HEAD_READ` bytes for the
+        headers after it), or the tap's copy buffer."""
+        if self._tap is None:
+            return self.conn.get_buffers(_HEAD_READ if self.conn.reading_into else _READ_BUFFER)
+        return [self._receive]
 
     def _pump(self) -> None:
         conn = self.conn
@@ -556,13 +514,99 @@ class _Link(asyncio.BufferedProtocol):
         out = self._out
         if not out:
             return
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if self._writable():
             data = out[0] if len(out) == 1 else b"".join(out)
             if self._tap is not None:
                 self._tap(self.cid, True, data)
-            transport.write(data)
+            self._write(data)
         out.clear()
+
+    def _writable(self) -> bool:
+        raise NotImplementedError
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def abort(self, error: HostError) -> None:
+        """End the connection now because of `error` (which pending work will see)."""
+        raise NotImplementedError
+
+
+class _Link(_LinkCore, asyncio.BufferedProtocol):
+    """The asyncio edge of one connection. The kernel reads straight into the core's buffer, or a URB's
+    `into` (`BufferedProtocol`), so no bytes object is allocated per read."""
+
+    def __init__(self, peer: str, tap: Tap | SessionTap | None = None) -> None:
+        super().__init__(peer, tap, asyncio.get_running_loop())
+        self.transport: asyncio.Transport | None = None
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        self._opened(transport.get_extra_info("socket"))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receive_buffers()[0]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received(nbytes)
+        if self._fd >= 0 and self.conn.reading_into:
+            self._read_on()
+        if self._out:  # what the completions submitted leaves now, not one more turn of the loop later
+            self.flush()
+
+    def _read_on(self) -> None:
+        """Read on here, until the socket is empty, while URBs with `into` are pending: one readv puts the
+        rest of a payload into its `into` and the next headers (`_HEAD_READ` bytes) into the core's buffer,
+        so payloads are not copied, and a turn of the event loop still takes all that has arrived. The
+        transport's own next read sees the end of the stream or an error first reported here is fatal."""
+        conn = self.conn
+        fd = self._fd
+        readv = os.readv
+        while self.lost is None and conn.reading_into:
+            try:
+                nbytes = readv(fd, conn.get_buffers(_HEAD_READ))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.abort(DeviceGone(f"the connection to {self.peer} was lost: {exc}"))
+                return
+            if not nbytes:
+                return  # the end of the stream: the transport's next read reports it
+            conn.buffer_updated(nbytes)
+            self._pump()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended(exc)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- driving -----------------------------------------------------------------------------------------
+
+    def _writable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""
@@ -576,7 +620,6 @@ class _Link(asyncio.BufferedProtocol):
             raise self.lost
 
     def abort(self, error: HostError) -> None:
-        """End the connection now because of `error` (which pending work will see)."""
         self._lost(error)
         if self.transport is not None:
             self.transport.abort()
@@ -593,12 +636,132 @@ class _Link(asyncio.BufferedProtocol):
                 self.transport.abort()
 
 
+class _BlockingLink(_LinkCore):
+    """The blocking edge of one connection (`emulator.blocking`): a non-blocking socket the loop reads when
+    someone waits, and `poll()`s when it has nothing; what the socket does not take at once waits in
+    `_pending` and leaves as it drains, while the loop goes on reading (a server blocked writing its answers
+    must not stall our writes)."""
+
+    def __init__(self, sock: socket.socket, peer: str, loop: BlockingLoop,
+                 tap: Tap | SessionTap | None = None) -> None:
+        super().__init__(peer, tap, loop)
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._pending: collections.deque[memoryview] = collections.deque()
+        self._pending_bytes = 0
+        self._drained: BlockingFuture | None = None
+        self._opened(sock)
+        loop.attach(self)
+
+    # -- what the loop calls -------------------------------------------------------------------------------
+
+    def read_some(self) -> bool:
+        if self.lost is not None:
+            return False
+        try:
+            if self._fd >= 0:
+                nbytes = os.readv(self._fd, self._receive_buffers())
+            else:
+                nbytes = self.sock.recv_into(self._receive)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._fail(exc)
+            return True
+        if not nbytes:
+            self.conn.receive_data(b"")
+            self._pump()
+            self._shut(None)
+            return True
+        self._received(nbytes)
+        if self._out:  # what the completions submitted leaves now
+            self.flush()
+        return True
+
+    def wants_write(self) -> bool:
+        return bool(self._pending)
+
+    def write_some(self) -> None:
+        pending = self._pending
+        while pending:
+            try:
+                sent = self.sock.send(pending[0])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            self._pending_bytes -= sent
+            if sent == len(pending[0]):
+                pending.popleft()
+            else:
+                pending[0] = pending[0][sent:]
+        if self._drained is not None and self._pending_bytes <= _WRITE_HIGH_WATER and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- driving -------------------------------------------------------------------------------------------
+
+    def _writable(self) -> bool:
+        return self._fd >= 0 or self.sock.fileno() >= 0
+
+    def _write(self, data: bytes) -> None:
+        self._pending.append(memoryview(data))
+        self._pending_bytes += len(data)
+        self.write_some()
+
+    async def drain(self) -> None:
+        """Wait while more than the high-water mark waits to be sent."""
+        self.flush()
+        while self._pending_bytes > _WRITE_HIGH_WATER and self.lost is None:
+            self._drained = self._loop.create_future()
+            await self._drained
+        if self.lost is not None:
+            raise self.lost
+
+    def _fail(self, exc: OSError) -> None:
+        self._lost(DeviceGone(f"the connection to {self.peer} was lost: {exc}"))
+        self._shut(exc)
+
+    def _shut(self, exc: BaseException | None) -> None:
+        """Close the socket and end the connection (`_ended`), once."""
+        if self.sock.fileno() < 0:
+            return
+        self._loop.close()
+        self.sock.close()
+        self._fd = -1
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._ended(exc)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def abort(self, error: HostError) -> None:
+        self._lost(error)
+        self._shut(None)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued (for at most `timeout` seconds), then close."""
+        if self.sock.fileno() < 0:
+            return
+        self.closing = True
+        self.flush()
+        if self._pending:
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(timeout)
+                for view in self._pending:
+                    self.sock.sendall(view)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._shut(None)
+
+
 class _Batch:
     """`RemoteDevice.batched()`: sends inside leave in one write when the block ends."""
 
     __slots__ = ("_link", "_scheduled")
 
-    def __init__(self, link: _Link) -> None:
+    def __init__(self, link: _LinkCore) -> None:
         self._link = link
         self._scheduled = False
 
@@ -624,17 +787,28 @@ async def _connect(host: str, port: int, timeout: float | None, tap: Tap | Sessi
     return link
 
 
-async def _operation(link: _Link, request: OpReqDevlist | OpReqImport, timeout: float | None) -> object:
+def _connect_blocking(host: str, port: int, timeout: float | None,
+                      tap: Tap | SessionTap | None = None) -> _BlockingLink:
+    peer = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout)
+    except TimeoutError:
+        raise HostConnectError(f"cannot connect to {peer}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise HostConnectError(f"cannot connect to {peer}: {exc.strerror or exc}") from None
+    return _BlockingLink(sock, peer, BlockingLoop(), tap)
+
+
+async def _operation(link: _LinkCore, request: OpReqDevlist | OpReqImport, timeout: float | None) -> object:
     """Send the one operation request of this connection and wait for its reply."""
-    loop = asyncio.get_running_loop()
-    reply: asyncio.Future[object] = loop.create_future()
+    loop = link._loop
+    reply = loop.create_future()
     reply.add_done_callback(_silence)
+    what = "OP_REQ_DEVLIST" if isinstance(request, OpReqDevlist) else "OP_REQ_IMPORT"
 
     def on_event(event: object) -> None:
         if not reply.done():
             reply.set_result(event)
-
-    what = "OP_REQ_DEVLIST" if isinstance(request, OpReqDevlist) else "OP_REQ_IMPORT"
 
     def on_lost(error: HostError) -> None:
         if not reply.done():
@@ -642,37 +816,49 @@ async def _operation(link: _Link, request: OpReqDevlist | OpReqImport, timeout: 
             failure.__cause__ = error.__cause__
             reply.set_exception(failure)
 
+    def expire() -> None:
+        if not reply.done():
+            reply.set_exception(HostError(f"{link.peer} did not answer {what} within {timeout:g} s"))
+            link.abort(DeviceGone(f"{link.peer} did not answer {what} within {timeout:g} s"))
+
     link.on_event, link.on_lost = on_event, on_lost
     link.send(request)
+    timer = None if timeout is None else loop.call_later(timeout, expire)
     try:
-        return await asyncio.wait_for(asyncio.shield(reply), timeout)
-    except TimeoutError:
-        link.abort(DeviceGone(f"{link.peer} did not answer {what} within {timeout:g} s"))
-        raise HostError(f"{link.peer} did not answer {what} within {timeout:g} s") from None
+        return await reply
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
-async def list_devices(host: str, port: int = USBIP_PORT, *, timeout: float | None = CONNECT_TIMEOUT,
-                       tap: Tap | SessionTap | None = None) -> tuple[OpDevlistReplyExtra, ...]:
-    """The devices `host` exports (OP_REQ_DEVLIST), as usbipd describes them. `tap` sees the connection
-    (`emulator.tap`)."""
-    link = await _connect(host, port, timeout, tap)
+async def _list_on(link: _Link | _BlockingLink, timeout: float | None) -> tuple[OpDevlistReplyExtra, ...]:
     try:
         reply = await _operation(link, OpReqDevlist(), timeout)
     finally:
         await link.close()
     assert isinstance(reply, OpRepDevlist)
     if reply.status != ST_OK:
-        raise ImportRefused(f"{host}:{port} refused to list its devices: {op_status_text(reply.status)}",
+        raise ImportRefused(f"{link.peer} refused to list its devices: {op_status_text(reply.status)}",
                             reply.status)
     return reply.devices
 
 
-async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
-                        timeout: float | None = CONNECT_TIMEOUT,
-                        tap: Tap | SessionTap | None = None) -> RemoteDevice:
-    """Import `busid` from `host` (OP_REQ_IMPORT) and enumerate it; close the result when done (or use
-    `async with`). `tap` sees every byte of the connection (`emulator.tap`), e.g. a pcapng recorder's."""
-    link = await _connect(host, port, timeout, tap)
+async def list_devices(host: str, port: int = USBIP_PORT, *, timeout: float | None = CONNECT_TIMEOUT,
+                       tap: Tap | SessionTap | None = None) -> tuple[OpDevlistReplyExtra, ...]:
+    """The devices `host` exports (OP_REQ_DEVLIST), as usbipd describes them. `tap` sees the connection
+    (`emulator.tap`)."""
+    return await _list_on(await _connect(host, port, timeout, tap), timeout)
+
+
+def list_devices_blocking(host: str, port: int = USBIP_PORT, *, timeout: float | None = CONNECT_TIMEOUT,
+                          tap: Tap | SessionTap | None = None) -> tuple[OpDevlistReplyExtra, ...]:
+    """`list_devices` in the calling thread, without asyncio (`emulator.blocking`)."""
+    link = _connect_blocking(host, port, timeout, tap)
+    return typing.cast(BlockingLoop, link._loop).run(_list_on(link, timeout))
+
+
+async def _import_on(link: _Link | _BlockingLink, busid: str, host: str, port: int,
+                     timeout: float | None) -> RemoteDevice:
     try:
         reply = await _operation(link, OpReqImport(busid=busid), timeout)
     except BaseException:
@@ -694,6 +880,24 @@ async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
     return device
 
 
+async def import_device(host: str, busid: str, port: int = USBIP_PORT, *,
+                        timeout: float | None = CONNECT_TIMEOUT,
+                        tap: Tap | SessionTap | None = None) -> RemoteDevice:
+    """Import `busid` from `host` (OP_REQ_IMPORT) and enumerate it; close the result when done (or use
+    `async with`). `tap` sees every byte of the connection (`emulator.tap`), e.g. a pcapng recorder's."""
+    return await _import_on(await _connect(host, port, timeout, tap), busid, host, port, timeout)
+
+
+def import_device_blocking(host: str, busid: str, port: int = USBIP_PORT, *,
+                           timeout: float | None = CONNECT_TIMEOUT,
+                           tap: Tap | SessionTap | None = None) -> RemoteDevice:
+    """`import_device` without asyncio: the device runs on the blocking runtime (`emulator.blocking`), so
+    its coroutines are run to their end by `device.run(coro)` in the calling thread, with no event loop and
+    no loop thread: the fast way for scripts (`emulator.sync_host` wraps it)."""
+    link = _connect_blocking(host, port, timeout, tap)
+    return typing.cast(BlockingLoop, link._loop).run(_import_on(link, busid, host, port, timeout))
+
+
 # -- the device --------------------------------------------------------------------------------------------
 
 
@@ -704,20 +908,24 @@ class RemoteDevice:
     Must be used from the event loop that imported it.
     """
 
-    def __init__(self, link: _Link, udev: UsbDevice, *, host: str = "", port: int = USBIP_PORT) -> None:
+    def __init__(self, link: _Link | _BlockingLink, udev: UsbDevice, *, host: str = "", port: int = USBIP_PORT) -> None:
         self._link = link
         self.udev = udev
         self.host = host
         self.port = port
         self.busid = udev.busid
         self.devid = udev.devid
-        self._loop = loop = asyncio.get_running_loop()
-        # The loop's create_future() and time() without their Python frames when they are asyncio's own.
+        # asyncio's loop (`import_device`) or the blocking runtime's (`import_device_blocking`), which offers
+        # the few loop methods used here.
+        self._loop = loop = link._loop
+        self._new_future: Callable[[], asyncio.Future[UrbResult]] = loop.create_future
+        self._time: Callable[[], float] = loop.time
         base = asyncio.BaseEventLoop
-        self._new_future: Callable[[], asyncio.Future[UrbResult]] = (
-            functools.partial(asyncio.Future, loop=loop)
-            if type(loop).create_future is base.create_future else loop.create_future)
-        self._time: Callable[[], float] = time.monotonic if type(loop).time is base.time else loop.time
+        if isinstance(loop, base):  # create_future() and time() without their Python frames, if asyncio's own
+            if type(loop).create_future is base.create_future:
+                self._new_future = functools.partial(asyncio.Future, loop=loop)
+            if type(loop).time is base.time:
+                self._time = time.monotonic
         self._urbs: dict[int, Urb] = {}
         self._grouped: dict[int, tuple[UrbGroup, int]] = {}  # seqnum -> its group and place, see UrbGroup
         self._unlinks: dict[int, Urb] = {}
@@ -1089,7 +1297,24 @@ class RemoteDevice:
         or its real result if it completed first (the RET_SUBMIT won the race)."""
         if not urb.done():
             self._send_unlink(urb)
+        if isinstance(urb.future, BlockingFuture):  # nothing cancels a blocking wait: no shield needed
+            return typing.cast(UrbResult, await urb.future)
         return await asyncio.shield(urb.future)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run one of this device's coroutines (or one built on them, e.g. `MassStorage`'s) to its end in the
+        calling thread: for a device from `import_device_blocking` (on asyncio, await it instead)."""
+        if not isinstance(self._loop, BlockingLoop):
+            coro.close()
+            raise HostError("run() is for a device imported with import_device_blocking; on asyncio, await it")
+        return self._loop.run(coro)
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` on this device's loop (the blocking runtime serves the connection meanwhile)."""
+        if isinstance(self._loop, BlockingLoop):
+            await self._loop.sleep(seconds)
+        else:
+            await asyncio.sleep(seconds)
 
     def batched(self) -> contextlib.AbstractContextManager[None]:
         """`with device.batched(): ...submit()...`: the URBs submitted in the block leave in one write when it
@@ -1390,7 +1615,9 @@ __all__ = [
     "UrbGroup",
     "UrbResult",
     "import_device",
+    "import_device_blocking",
     "list_devices",
+    "list_devices_blocking",
     "op_status_text",
     "status_text",
 ]

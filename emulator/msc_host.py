@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import struct
+import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, Final, TypeVar
 
@@ -677,7 +678,7 @@ class MassStorage:
                     log.info("%s: unit attention: %s", self.device.busid, sense)
                     continue
                 if sense.key == NOT_READY and (sense.asc, sense.ascq) == (0x04, 0x01):
-                    await asyncio.sleep(delay)
+                    await self.device.sleep(delay)
                     continue
                 raise
 
@@ -925,21 +926,25 @@ class MassStorage:
 
 
 class SyncMassStorage:
-    """`MassStorage` driven from ordinary code, on a `SyncRemoteDevice`'s loop thread."""
+    """`MassStorage` driven from ordinary code: its coroutines run in the calling thread on the device's
+    blocking runtime (`SyncRemoteDevice`). Commands from several threads are serialized, as a Bulk-Only
+    device needs them to be."""
 
     def __init__(self, device: SyncRemoteDevice, *, lun: int = 0, max_transfer: int = DEFAULT_MAX_TRANSFER,
                  urbs_per_command: int = 1, pipeline: bool = True, timeout: float = COMMAND_TIMEOUT,
                  commands_in_flight: int = 1) -> None:
         self.remote = device
         self.timeout = timeout
+        self._serial = threading.Lock()
         self.msc = MassStorage(device.device, lun=lun, max_transfer=max_transfer,
                                urbs_per_command=urbs_per_command, pipeline=pipeline, timeout=timeout,
                                commands_in_flight=commands_in_flight)
-        self._run(self.msc.open(), 20)
+        self._run(self.msc.open())
 
-    def _run(self, coro: Coroutine[Any, Any, T], commands: int) -> T:
-        # Each command may take its timeout, plus a reset recovery; the outer wait bounds all of them.
-        return self.remote._runner.run(coro, commands * (3 * self.timeout + 10))
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        # Each command is bounded by its own timeout and a reset recovery's: no outer guard needed.
+        with self._serial:
+            return self.remote.run(coro)
 
     @property
     def capacity(self) -> Capacity:
@@ -951,24 +956,24 @@ class SyncMassStorage:
         assert self.msc.inquiry_data is not None
         return self.msc.inquiry_data
 
-    def _commands(self, count: int) -> int:
-        return 2 + math.ceil(count * self.capacity.block_size / self.msc.max_transfer)
-
     def read_blocks(self, lba: int, count: int) -> bytes:
-        return self._run(self.msc.read_blocks(lba, count), self._commands(count))
+        return self._run(self.msc.read_blocks(lba, count))
+
+    def readinto_blocks(self, lba: int, buffer: bytearray | memoryview) -> None:
+        """Fill `buffer` (whole blocks) from block `lba` on, without an intermediate copy."""
+        self._run(self.msc.readinto_blocks(lba, buffer))
 
     def write_blocks(self, lba: int, data: bytes | bytearray | memoryview) -> None:
-        count = len(memoryview(data).cast("B")) // self.capacity.block_size
-        self._run(self.msc.write_blocks(lba, data), self._commands(count))
+        self._run(self.msc.write_blocks(lba, data))
 
     def command(self, cdb: bytes, *, data_in: int = 0, data_out: bytes = b"") -> CommandResult:
-        return self._run(self.msc.command(cdb, data_in=data_in, data_out=data_out), 3)
+        return self._run(self.msc.command(cdb, data_in=data_in, data_out=data_out))
 
     def synchronize_cache(self) -> None:
-        self._run(self.msc.synchronize_cache(), 3)
+        self._run(self.msc.synchronize_cache())
 
     def test_unit_ready(self) -> None:
-        self._run(self.msc.test_unit_ready(), 3)
+        self._run(self.msc.test_unit_ready())
 
 
 class BlockDevice(io.RawIOBase):

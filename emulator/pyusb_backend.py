@@ -42,7 +42,7 @@ from emulator.host import (
     TransferTimeout,
     UnsupportedTransfer,
 )
-from emulator.sync_host import LoopThread, SyncRemoteDevice, list_devices_sync
+from emulator.sync_host import SyncRemoteDevice, list_devices_sync
 from emulator.usb.descriptors import (
     AlternateSetting,
     Configuration,
@@ -185,19 +185,15 @@ class RemoteUsbDevice:
 class RemoteBackend(usb.backend.IBackend):  # type: ignore[misc]
     """`usb.backend.IBackend` over devices imported from a USB/IP server. Use `get_backend()`."""
 
-    def __init__(self, devices: Iterable[SyncRemoteDevice], loop: LoopThread | None = None) -> None:
+    def __init__(self, devices: Iterable[SyncRemoteDevice]) -> None:
         super().__init__()
         self.devices = [RemoteUsbDevice(d) for d in devices]
-        self._loop = loop
 
     def close(self) -> None:
-        """Release every imported device and stop the backend's loop thread."""
+        """Release every imported device."""
         for dev in self.devices:
             with contextlib.suppress(HostError):
                 dev.device.close()
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
 
     def _finalize_object(self) -> None:
         self.close()
@@ -382,24 +378,22 @@ def get_backend(host: str, busid: str | Iterable[str] | None = None, port: int =
     """A pyusb backend holding devices imported from `host`: `busid` (one, several, or None for every
     device the server exports). Importing happens here, so a wrong busid or a busy device raises now
     (`emulator.host.HostError`); `backend.close()` (or the backend's finalizer) releases them."""
-    loop = LoopThread("vusb-pyusb")
     devices: list[SyncRemoteDevice] = []
     try:
         if busid is None:
-            busids = [d.udev.busid for d in list_devices_sync(host, port, timeout=timeout, loop=loop)]
+            busids = [d.udev.busid for d in list_devices_sync(host, port, timeout=timeout)]
         elif isinstance(busid, str):
             busids = [busid]
         else:
             busids = list(busid)
         for b in busids:
-            devices.append(SyncRemoteDevice.open(host, b, port, timeout=timeout, loop=loop))
+            devices.append(SyncRemoteDevice.open(host, b, port, timeout=timeout))
     except BaseException:
         for device in devices:
             with contextlib.suppress(HostError):
                 device.close()
-        loop.close()
         raise
-    return RemoteBackend(devices, loop)
+    return RemoteBackend(devices)
 
 
 __all__ = ["RemoteBackend", "RemoteUsbDevice", "get_backend"]

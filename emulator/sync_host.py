@@ -1,9 +1,13 @@
-"""Blocking facade over the asyncio host, for scripts and for the pyusb backend.
+"""Blocking facade over the userspace host, for scripts and for the pyusb backend.
 
-`LoopThread` runs one event loop in a daemon thread; `SyncRemoteDevice` forwards each call to the
-`RemoteDevice` living on that loop and blocks until it returns. Every blocking wait is bounded: the inner
-call has its own timeout (the transfer's, or the connection's), and the outer wait allows that plus a
-margin for the unlink, so a call returns or raises even if the loop itself were stuck.
+`SyncRemoteDevice` holds a `RemoteDevice` imported with `import_device_blocking`: its coroutines run to their
+end in the calling thread on the blocking runtime (`emulator.blocking`) — no event loop, no loop thread, no
+hop between threads per call, and the same code, timeouts, unlinks and errors as on asyncio. Every wait is
+bounded by the transfer's own timeout (and an unanswered unlink by `UNLINK_TIMEOUT`). Several threads may use
+one device at once (e.g. one blocked on an interrupt IN, another doing control transfers).
+
+`LoopThread` runs an asyncio event loop in a daemon thread, for asyncio code that a blocking program needs
+running beside it (a server in the same process, in tests and demos).
 """
 
 from __future__ import annotations
@@ -18,26 +22,17 @@ from typing import Any, TypeVar
 from emulator.host import (
     CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
-    UNLINK_TIMEOUT,
     HostError,
     IsoPacketResult,
     RemoteDevice,
-    import_device,
-    list_devices,
+    import_device_blocking,
+    list_devices_blocking,
 )
 from emulator.usb.descriptors import Configuration, DeviceDescriptor, EndpointDescriptor
 from emulator.usbip import OpDevlistReplyExtra, UsbDevice
 from emulator.usbip.constants import USBIP_PORT
 
 T = TypeVar("T")
-
-_MARGIN = UNLINK_TIMEOUT + 3.0
-
-
-def _guard(timeout: float | None) -> float | None:
-    """How long the calling thread waits for a call whose own timeout is `timeout`."""
-    return None if timeout is None else timeout + _MARGIN
-
 
 class LoopThread:
     """An asyncio event loop running in a daemon thread; `run(coro, timeout)` blocks for its result."""
@@ -72,16 +67,10 @@ class LoopThread:
             self.loop.close()
 
 
-def list_devices_sync(host: str, port: int = USBIP_PORT, *, timeout: float | None = CONNECT_TIMEOUT,
-                      loop: LoopThread | None = None) -> tuple[OpDevlistReplyExtra, ...]:
+def list_devices_sync(host: str, port: int = USBIP_PORT, *,
+                      timeout: float | None = CONNECT_TIMEOUT) -> tuple[OpDevlistReplyExtra, ...]:
     """`emulator.host.list_devices`, blocking."""
-    own = loop is None
-    runner = LoopThread() if loop is None else loop
-    try:
-        return runner.run(list_devices(host, port, timeout=timeout), _guard(timeout))
-    finally:
-        if own:
-            runner.close()
+    return list_devices_blocking(host, port, timeout=timeout)
 
 
 class SyncRemoteDevice:
@@ -92,27 +81,18 @@ class SyncRemoteDevice:
             print(dev.get_string(dev.device_descriptor.i_product))
     """
 
-    def __init__(self, device: RemoteDevice, loop: LoopThread, *, own_loop: bool = False) -> None:
-        self.device = device
-        self._runner = loop
-        self._own_loop = own_loop
+    def __init__(self, device: RemoteDevice) -> None:
+        self.device = device  # imported with import_device_blocking
 
     @classmethod
-    def open(cls, host: str, busid: str, port: int = USBIP_PORT, *, timeout: float | None = CONNECT_TIMEOUT,
-             loop: LoopThread | None = None) -> SyncRemoteDevice:
-        """Import `busid` from `host`; the device gets its own loop thread unless `loop` is given."""
-        runner = LoopThread() if loop is None else loop
-        try:
-            device = runner.run(import_device(host, busid, port, timeout=timeout),
-                                None if timeout is None else 4 * timeout + _MARGIN)
-        except BaseException:
-            if loop is None:
-                runner.close()
-            raise
-        return cls(device, runner, own_loop=loop is None)
+    def open(cls, host: str, busid: str, port: int = USBIP_PORT, *,
+             timeout: float | None = CONNECT_TIMEOUT) -> SyncRemoteDevice:
+        """Import `busid` from `host` (see `emulator.host.import_device`)."""
+        return cls(import_device_blocking(host, busid, port, timeout=timeout))
 
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
-        return self._runner.run(coro, _guard(timeout))
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine of the device (or of something built on it, e.g. `MassStorage`) to its end."""
+        return self.device.run(coro)
 
     # -- what the device is --------------------------------------------------------------------------------
 
@@ -159,70 +139,65 @@ class SyncRemoteDevice:
     def control_transfer(self, request_type: int, request: int, value: int = 0, index: int = 0,
                          data_or_length: bytes | bytearray | memoryview | int = 0,
                          timeout: float | None = DEFAULT_TIMEOUT) -> bytes | int:
-        return self._call(self.device.control_transfer(request_type, request, value, index, data_or_length,
-                                                       timeout), timeout)
+        return self.run(self.device.control_transfer(request_type, request, value, index, data_or_length,
+                                                     timeout))
 
     def bulk_in(self, endpoint: int, length: int, timeout: float | None = DEFAULT_TIMEOUT) -> bytes:
-        return self._call(self.device.bulk_in(endpoint, length, timeout), timeout)
+        return self.run(self.device.bulk_in(endpoint, length, timeout))
 
     def bulk_out(self, endpoint: int, data: bytes | bytearray | memoryview,
                  timeout: float | None = DEFAULT_TIMEOUT) -> int:
-        return self._call(self.device.bulk_out(endpoint, bytes(data), timeout), timeout)
+        return self.run(self.device.bulk_out(endpoint, bytes(data), timeout))
 
     def interrupt_in(self, endpoint: int, length: int, timeout: float | None = DEFAULT_TIMEOUT) -> bytes:
-        return self._call(self.device.interrupt_in(endpoint, length, timeout), timeout)
+        return self.run(self.device.interrupt_in(endpoint, length, timeout))
 
     def interrupt_out(self, endpoint: int, data: bytes | bytearray | memoryview,
                       timeout: float | None = DEFAULT_TIMEOUT) -> int:
-        return self._call(self.device.interrupt_out(endpoint, bytes(data), timeout), timeout)
+        return self.run(self.device.interrupt_out(endpoint, bytes(data), timeout))
 
     def iso_in(self, endpoint: int, packet_lengths: Sequence[int],
                timeout: float | None = DEFAULT_TIMEOUT) -> tuple[IsoPacketResult, ...]:
-        return self._call(self.device.iso_in(endpoint, packet_lengths, timeout), timeout)
+        return self.run(self.device.iso_in(endpoint, packet_lengths, timeout))
 
     def iso_out(self, endpoint: int, packets: Sequence[bytes],
                 timeout: float | None = DEFAULT_TIMEOUT) -> tuple[IsoPacketResult, ...]:
-        return self._call(self.device.iso_out(endpoint, packets, timeout), timeout)
+        return self.run(self.device.iso_out(endpoint, packets, timeout))
 
     # -- chapter 9 -------------------------------------------------------------------------------------------
 
     def get_descriptor(self, descriptor_type: int, index: int = 0, length: int = 0xFF, language: int = 0,
                        timeout: float | None = DEFAULT_TIMEOUT) -> bytes:
-        return self._call(self.device.get_descriptor(descriptor_type, index, length, language, timeout),
-                          timeout)
+        return self.run(self.device.get_descriptor(descriptor_type, index, length, language, timeout))
 
     def langids(self, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[int, ...]:
-        return self._call(self.device.langids(timeout), timeout)
+        return self.run(self.device.langids(timeout))
 
     def get_string(self, index: int, langid: int | None = None,
                    timeout: float | None = DEFAULT_TIMEOUT) -> str | None:
-        return self._call(self.device.get_string(index, langid, timeout), None if timeout is None else 2 * timeout)
+        return self.run(self.device.get_string(index, langid, timeout))
 
     def get_configuration(self, timeout: float | None = DEFAULT_TIMEOUT) -> int:
-        return self._call(self.device.get_configuration(timeout), timeout)
+        return self.run(self.device.get_configuration(timeout))
 
     def set_configuration(self, value: int = 1, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        self._call(self.device.set_configuration(value, timeout), timeout)
+        self.run(self.device.set_configuration(value, timeout))
 
     def set_interface(self, interface: int, alternate: int, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        self._call(self.device.set_interface(interface, alternate, timeout), timeout)
+        self.run(self.device.set_interface(interface, alternate, timeout))
 
     def clear_halt(self, endpoint: int, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        self._call(self.device.clear_halt(endpoint, timeout), timeout)
+        self.run(self.device.clear_halt(endpoint, timeout))
 
     def reset(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        self._call(self.device.reset(timeout), timeout)
+        self.run(self.device.reset(timeout))
 
     # -- lifetime --------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the device and, if it owns one, stop its loop thread."""
-        try:
-            if not self.device.closed:
-                self._call(self.device.close(), 3.0)
-        finally:
-            if self._own_loop:
-                self._runner.close()
+        """Release the device (close the connection)."""
+        if not self.device.closed:
+            self.run(self.device.close())
 
     def __enter__(self) -> SyncRemoteDevice:
         return self

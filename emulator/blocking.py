@@ -1,0 +1,299 @@
+"""A blocking runtime for the userspace host: the same `RemoteDevice` code, driven by the calling thread.
+
+The host (`emulator.host`) is written as asyncio code over the sans-I/O core. A script that only wants to
+read a disk should not pay for an event loop, a loop thread and a hop between threads on every call, so this
+module runs that same code without asyncio:
+
+* `BlockingLoop` offers the few loop methods the host uses (`time`, `call_soon`, `call_at`, `call_later`,
+  `create_future`) and owns one socket edge (`emulator.host`'s blocking link);
+* a `BlockingFuture`'s `await` does not suspend: it runs the loop — ready callbacks, due timers, a
+  non-blocking read of the socket, `poll()` when there is nothing to do — until the future is done;
+* `BlockingLoop.run(coro)` therefore runs a host coroutine to its end in one `coro.send(None)` (a
+  trampoline): `RemoteDevice`, `MassStorage` and everything above them run unchanged, with every timeout,
+  unlink and error path they have on asyncio.
+
+Threads: calls from several threads are allowed and run concurrently on one device, leader/follower style.
+The lock is held while host code runs and released only inside `poll()`. The first thread that needs to
+wait for the socket becomes the leader and reads for everyone; the others wait on a condition until their
+future is done or the leader leaves. A thread that submits while the leader sleeps in `poll()` wakes it
+through a pipe, so the leader sees new deadlines and sends what was queued.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+_PENDING, _RESULT, _EXCEPTION = 0, 1, 2
+
+
+class BlockingRuntimeError(RuntimeError):
+    """Host code awaited something only an asyncio event loop can run (a bug, not a device error)."""
+
+
+class _Io(Protocol):
+    """What the loop needs of its socket edge."""
+
+    fd: int
+
+    def read_some(self) -> bool:
+        """Read what the socket has, without blocking, and dispatch it; False if there was nothing."""
+
+    def wants_write(self) -> bool:
+        """Whether bytes wait for room in the socket."""
+
+    def write_some(self) -> None:
+        """Send what waits, as far as the socket takes it, without blocking."""
+
+
+class Handle:
+    """A scheduled callback (`call_soon`, `call_at`); `cancel()` drops it."""
+
+    __slots__ = ("args", "callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class BlockingFuture:
+    """The result of a URB or an operation. `await future` runs the loop until it is done, then returns its
+    result or raises its exception, without suspending the awaiting coroutine."""
+
+    __slots__ = ("_callbacks", "_loop", "_state", "_value")
+
+    def __init__(self, loop: BlockingLoop) -> None:
+        self._loop = loop
+        self._state = _PENDING
+        self._value: Any = None
+        self._callbacks: list[Callable[[BlockingFuture], object]] | None = None
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        return False  # nothing cancels here: a blocking caller is interrupted by exceptions, not cancellation
+
+    def result(self) -> Any:
+        if self._state == _RESULT:
+            return self._value
+        if self._state == _EXCEPTION:
+            raise self._value
+        raise BlockingRuntimeError("result() of a future that is not done")
+
+    def exception(self) -> BaseException | None:
+        if self._state == _PENDING:
+            raise BlockingRuntimeError("exception() of a future that is not done")
+        return self._value if self._state == _EXCEPTION else None
+
+    def set_result(self, value: Any) -> None:
+        self._settle(_RESULT, value)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._settle(_EXCEPTION, error)
+
+    def _settle(self, state: int, value: Any) -> None:
+        if self._state != _PENDING:
+            raise BlockingRuntimeError("a future can be done only once")
+        self._state = state
+        self._value = value
+        if self._callbacks:
+            for callback in self._callbacks:
+                self._loop.call_soon(callback, self)
+            self._callbacks = None
+
+    def add_done_callback(self, callback: Callable[[BlockingFuture], object]) -> None:
+        if self._state != _PENDING:
+            self._loop.call_soon(callback, self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self._state == _PENDING:
+            self._loop.run_until_done(self)
+        return self.result()
+        yield  # never reached: it makes this a generator, as `await` wants
+
+    __iter__ = __await__
+
+
+class BlockingLoop:
+    """The loop of one blocking connection (see the module docstring). `run(coro)` is the entry point."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)
+        self._ready: collections.deque[Handle] = collections.deque()
+        self._timers: list[tuple[float, int, Handle]] = []
+        self._order = itertools.count()
+        self._leader: int | None = None
+        self._followers = 0
+        self._polling = False
+        self._io: _Io | None = None
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._closed = False
+
+    # -- what the host uses of an event loop -------------------------------------------------------------
+
+    @staticmethod
+    def time() -> float:
+        return time.monotonic()
+
+    def create_future(self) -> BlockingFuture:
+        return BlockingFuture(self)
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> Handle:
+        handle = Handle(0.0, callback, args)
+        self._ready.append(handle)
+        self._wake_leader()
+        return handle
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Handle:
+        handle = Handle(when, callback, args)
+        heapq.heappush(self._timers, (when, next(self._order), handle))
+        self._wake_leader()
+        return handle
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Handle:
+        return self.call_at(self.time() + delay, callback, *args)
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds`, serving the connection meanwhile."""
+        future = self.create_future()
+        self.call_later(seconds, future.set_result, None)
+        await future
+
+    # -- running -------------------------------------------------------------------------------------------
+
+    def attach(self, io: _Io | None) -> None:
+        """The socket edge this loop reads and writes (None once the connection is over)."""
+        self._io = io
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run host coroutine `coro` to its end in this thread and return its value (or raise)."""
+        with self._lock:
+            try:
+                awaited = coro.send(None)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            coro.close()
+            raise BlockingRuntimeError(f"host code awaited {awaited!r}, which needs an asyncio event loop")
+
+    def run_until_done(self, future: BlockingFuture) -> None:
+        """Serve the connection until `future` is done (called with the lock held, from `run`)."""
+        me = threading.get_ident()
+        while not future.done():
+            if self._leader is None:
+                self._leader = me
+                try:
+                    self._lead(future)
+                finally:
+                    self._leader = None
+                    self._turn.notify_all()  # a follower takes over if it still waits
+            elif self._leader == me:  # re-entered from a callback: run what is ready, then return to it
+                self._lead(future)
+            else:
+                self._followers += 1
+                try:
+                    self._turn.wait()
+                finally:
+                    self._followers -= 1
+
+    def _lead(self, future: BlockingFuture) -> None:
+        ready = self._ready
+        timers = self._timers
+        while not future.done():
+            if ready:
+                while ready:
+                    handle = ready.popleft()
+                    if not handle.cancelled:
+                        handle.callback(*handle.args)
+                if self._followers:
+                    self._turn.notify_all()  # a callback may have finished a follower's future
+                if future.done():
+                    break
+            timeout: float | None = None
+            if timers:
+                now = time.monotonic()
+                while timers and (timers[0][2].cancelled or timers[0][0] <= now):
+                    _, _, handle = heapq.heappop(timers)
+                    if not handle.cancelled:
+                        ready.append(handle)
+                if ready:
+                    continue
+                if timers:
+                    timeout = max(0.0, timers[0][0] - now)
+            io = self._io
+            if io is not None:
+                if io.read_some():
+                    if self._followers:
+                        self._turn.notify_all()  # what was read may finish a follower's future
+                    continue
+                if io.wants_write():
+                    io.write_some()
+                if future.done() or ready:
+                    continue
+            elif timeout is None:
+                raise BlockingRuntimeError("waiting for a future nothing can finish (no connection, no timer)")
+            self._wait(io, timeout)
+
+    def _wait(self, io: _Io | None, timeout: float | None) -> None:
+        """poll() the socket (and the wake-up pipe) with the lock released, so other threads may submit."""
+        if self._closed:  # the connection is over: only timers are left
+            if timeout is None:
+                raise BlockingRuntimeError("waiting for a future nothing can finish (the connection is closed)")
+            self._lock.release()
+            try:
+                time.sleep(timeout)
+            finally:
+                self._lock.acquire()
+            return
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        if io is not None:
+            poller.register(io.fd, select.POLLIN | (select.POLLOUT if io.wants_write() else 0))
+        self._polling = True
+        self._lock.release()
+        try:
+            poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999)))
+        finally:
+            self._lock.acquire()
+            self._polling = False
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_read, 512)
+
+    def _wake_leader(self) -> None:
+        """A thread other than the leader scheduled something while the leader sleeps in poll(): wake it."""
+        if self._polling and not self._closed and self._leader != threading.get_ident():
+            with contextlib.suppress(BlockingIOError):  # full: wake-ups are waiting already
+                os.write(self._wake_write, b"\0")
+
+    def close(self) -> None:
+        """The connection is over: release the wake-up pipe (the loop still runs timers and callbacks)."""
+        self._io = None
+        if not self._closed:
+            self._closed = True
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+
+__all__ = ["BlockingFuture", "BlockingLoop", "BlockingRuntimeError", "Handle"]
