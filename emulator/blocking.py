@@ -21,10 +21,12 @@ through a pipe, so the leader sees new deadlines and sends what was queued.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import select
 import threading
@@ -33,8 +35,8 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-_PENDING, _RESULT, _EXCEPTION = 0, 1, 2
 
 
 class BlockingRuntimeError(RuntimeError):
@@ -71,63 +73,19 @@ class Handle:
         self.cancelled = True
 
 
-class BlockingFuture:
+class BlockingFuture(asyncio.Future[Any]):
     """The result of a URB or an operation. `await future` runs the loop until it is done, then returns its
-    result or raises its exception, without suspending the awaiting coroutine."""
+    result or raises its exception, without suspending the awaiting coroutine.
 
-    __slots__ = ("_callbacks", "_loop", "_state", "_value")
-
-    def __init__(self, loop: BlockingLoop) -> None:
-        self._loop = loop
-        self._state = _PENDING
-        self._value: Any = None
-        self._callbacks: list[Callable[[BlockingFuture], object]] | None = None
-
-    def done(self) -> bool:
-        return self._state != _PENDING
-
-    def cancelled(self) -> bool:
-        return False  # nothing cancels here: a blocking caller is interrupted by exceptions, not cancellation
-
-    def result(self) -> Any:
-        if self._state == _RESULT:
-            return self._value
-        if self._state == _EXCEPTION:
-            raise self._value
-        raise BlockingRuntimeError("result() of a future that is not done")
-
-    def exception(self) -> BaseException | None:
-        if self._state == _PENDING:
-            raise BlockingRuntimeError("exception() of a future that is not done")
-        return self._value if self._state == _EXCEPTION else None
-
-    def set_result(self, value: Any) -> None:
-        self._settle(_RESULT, value)
-
-    def set_exception(self, error: BaseException) -> None:
-        self._settle(_EXCEPTION, error)
-
-    def _settle(self, state: int, value: Any) -> None:
-        if self._state != _PENDING:
-            raise BlockingRuntimeError("a future can be done only once")
-        self._state = state
-        self._value = value
-        if self._callbacks:
-            for callback in self._callbacks:
-                self._loop.call_soon(callback, self)
-            self._callbacks = None
-
-    def add_done_callback(self, callback: Callable[[BlockingFuture], object]) -> None:
-        if self._state != _PENDING:
-            self._loop.call_soon(callback, self)
-        elif self._callbacks is None:
-            self._callbacks = [callback]
-        else:
-            self._callbacks.append(callback)
+    An `asyncio.Future` (the C one: done(), result() and set_result() cost no Python frame, and the host's
+    code treats it as the futures it knows) bound to a `BlockingLoop`, whose `call_soon` runs its callbacks;
+    only waiting differs. Nothing cancels one: a blocking caller is interrupted by exceptions."""
 
     def __await__(self) -> Generator[Any, None, Any]:
-        if self._state == _PENDING:
-            self._loop.run_until_done(self)
+        if not self.done():
+            loop = self.get_loop()
+            assert isinstance(loop, BlockingLoop)
+            loop.run_until_done(self)
         return self.result()
         yield  # never reached: it makes this a generator, as `await` wants
 
@@ -154,14 +112,17 @@ class BlockingLoop:
 
     # -- what the host uses of an event loop -------------------------------------------------------------
 
-    @staticmethod
-    def time() -> float:
-        return time.monotonic()
+    time = staticmethod(time.monotonic)
+    get_debug = staticmethod(bool)  # False, without a Python frame: asyncio.Future asks it on creation
 
     def create_future(self) -> BlockingFuture:
-        return BlockingFuture(self)
+        return BlockingFuture(loop=self)  # type: ignore[arg-type]
 
-    def call_soon(self, callback: Callable[..., object], *args: Any) -> Handle:
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        """What asyncio.Future reports when it is dropped with an exception nobody retrieved."""
+        log.error("%s", context.get("message", "unhandled error in the blocking host"), exc_info=context.get("exception"))
+
+    def call_soon(self, callback: Callable[..., object], *args: Any, context: Any = None) -> Handle:
         handle = Handle(0.0, callback, args)
         self._ready.append(handle)
         self._wake_leader()
@@ -208,7 +169,8 @@ class BlockingLoop:
                     self._lead(future)
                 finally:
                     self._leader = None
-                    self._turn.notify_all()  # a follower takes over if it still waits
+                    if self._followers:
+                        self._turn.notify_all()  # one of them takes over
             elif self._leader == me:  # re-entered from a callback: run what is ready, then return to it
                 self._lead(future)
             else:
@@ -221,7 +183,8 @@ class BlockingLoop:
     def _lead(self, future: BlockingFuture) -> None:
         ready = self._ready
         timers = self._timers
-        while not future.done():
+        done = future.done
+        while not done():
             if ready:
                 while ready:
                     handle = ready.popleft()
@@ -229,19 +192,18 @@ class BlockingLoop:
                         handle.callback(*handle.args)
                 if self._followers:
                     self._turn.notify_all()  # a callback may have finished a follower's future
-                if future.done():
-                    break
+                continue
             timeout: float | None = None
             if timers:
                 now = time.monotonic()
-                while timers and (timers[0][2].cancelled or timers[0][0] <= now):
-                    _, _, handle = heapq.heappop(timers)
-                    if not handle.cancelled:
-                        ready.append(handle)
-                if ready:
+                when, _, handle = timers[0]
+                if when <= now or handle.cancelled:  # due ones to `ready`, cancelled ones dropped
+                    while timers and (timers[0][0] <= now or timers[0][2].cancelled):
+                        handle = heapq.heappop(timers)[2]
+                        if not handle.cancelled:
+                            ready.append(handle)
                     continue
-                if timers:
-                    timeout = max(0.0, timers[0][0] - now)
+                timeout = when - now
             io = self._io
             if io is not None:
                 if io.read_some():
@@ -250,7 +212,7 @@ class BlockingLoop:
                     continue
                 if io.wants_write():
                     io.write_some()
-                if future.done() or ready:
+                if done() or ready:
                     continue
             elif timeout is None:
                 raise BlockingRuntimeError("waiting for a future nothing can finish (no connection, no timer)")

@@ -659,9 +659,10 @@ class _BlockingLink(_LinkCore):
     def read_some(self) -> bool:
         if self.lost is not None:
             return False
+        conn = self.conn
         try:
             if self._fd >= 0:
-                nbytes = os.readv(self._fd, self._receive_buffers())
+                nbytes = os.readv(self._fd, conn.get_buffers(_HEAD_READ if conn.reading_into else _READ_BUFFER))
             else:
                 nbytes = self.sock.recv_into(self._receive)
         except BlockingIOError:
@@ -670,11 +671,15 @@ class _BlockingLink(_LinkCore):
             self._fail(exc)
             return True
         if not nbytes:
-            self.conn.receive_data(b"")
+            conn.receive_data(b"")
             self._pump()
             self._shut(None)
             return True
-        self._received(nbytes)
+        if self._fd >= 0:
+            conn.buffer_updated(nbytes)
+            self._pump()
+        else:
+            self._received(nbytes)
         if self._out:  # what the completions submitted leaves now
             self.flush()
         return True
@@ -921,7 +926,9 @@ class RemoteDevice:
         self._new_future: Callable[[], asyncio.Future[UrbResult]] = loop.create_future
         self._time: Callable[[], float] = loop.time
         base = asyncio.BaseEventLoop
-        if isinstance(loop, base):  # create_future() and time() without their Python frames, if asyncio's own
+        if isinstance(loop, BlockingLoop):
+            self._new_future = functools.partial(BlockingFuture, loop=loop)  # type: ignore[arg-type]
+        elif isinstance(loop, base):  # create_future() and time() without their Python frames, if asyncio's own
             if type(loop).create_future is base.create_future:
                 self._new_future = functools.partial(asyncio.Future, loop=loop)
             if type(loop).time is base.time:
@@ -1157,7 +1164,7 @@ class RemoteDevice:
                                              length, b"", interval, into)
                 else:
                     out += conn.submit_plain(seqnum, devid, _DIR_OUT, endpoint, transfer_flags, length,
-                                             typing.cast(bytes, data_or_length), interval)
+                                             data_or_length, interval)  # type: ignore[arg-type]
                 seqnums.append(seqnum)
         finally:
             if out and not link._flush_scheduled:  # link.queue()'s scheduling, once for them all
@@ -1180,25 +1187,36 @@ class RemoteDevice:
         link = self._link
         if link.lost is not None:
             raise link.lost
-        transfers = tuple(transfers)
+        if type(transfers) is not tuple:
+            transfers = tuple(transfers)
         lengths = []
         for endpoint, data_or_length, into in transfers:  # all checked first: all or none are submitted
-            length = _plain_length(endpoint, data_or_length, into)
-            if length < 0:
-                raise UnsupportedTransfer(f"a URB group takes bulk or interrupt IN of a length (into: a writable "
-                                          f"byte view that long) or OUT of bytes, not {endpoint:#04x} "
-                                          f"{type(data_or_length).__name__}")
-            lengths.append(length)
+            # _plain_length(), inline for its two usual cases (once per URB)
+            if into is None and type(data_or_length) is bytes and 0 < endpoint <= 0x0F \
+                    and len(data_or_length) <= _INT32_MAX:
+                lengths.append(len(data_or_length))
+            elif into is None and type(data_or_length) is int and 0x80 < endpoint <= 0x8F \
+                    and 0 <= data_or_length <= _INT32_MAX:
+                lengths.append(data_or_length)
+            else:
+                lengths.append(_plain_length(endpoint, data_or_length, into))
+        if -1 in lengths:
+            endpoint, data_or_length, _ = transfers[lengths.index(-1)]
+            raise UnsupportedTransfer(f"a URB group takes bulk or interrupt IN of a length (into: a writable "
+                                      f"byte view that long) or OUT of bytes, not {endpoint:#04x} "
+                                      f"{type(data_or_length).__name__}")
         seqnums: list[int] = []
         try:
             self._queue_plain(transfers, lengths, 0, 0, seqnums)
         finally:
-            group = UrbGroup(self, seqnums, transfers, lengths, typing.cast("asyncio.Future[None]", self._new_future()))
+            group = UrbGroup(self, seqnums, transfers, lengths, self._new_future())  # type: ignore[arg-type]
             grouped = self._grouped
             for index, seqnum in enumerate(seqnums):
                 grouped[seqnum] = (group, index)
             if timeout is not None and seqnums:
-                group.deadline = self._expire_at(timeout)
+                group.deadline = deadline = self._time() + timeout
+                if self._watchdog is None or deadline < self._watchdog_when:
+                    self._arm(deadline)
             if len(seqnums) < len(transfers):  # what was queued are real URBs: as if submitted one by one
                 self._ungroup(group)
         return group

@@ -778,7 +778,8 @@ class MassStorage:
         count = len(out) // block_size
         per = max(1, self.max_transfer // block_size)
         depth = self.commands_in_flight
-        refill_at = depth - max(1, depth // _REFILL_FRACTION)
+        batch = max(1, depth // _REFILL_FRACTION)  # commands sent (and awaited) together once running
+        refill_at = depth - batch
         # A command in the queue: its URB group, first block, block count, CDB and tag.
         queue: collections.deque[tuple[UrbGroup, int, int, bytes, int]] = collections.deque()
         started_blocks = 0
@@ -787,21 +788,28 @@ class MassStorage:
         full = per * block_size  # every command's length but maybe the last: its data URBs planned once
         sizes = _split(full, self.urbs_per_command, self.max_packet_in)
 
+        csw = (ep_in, US_BULK_CS_WRAP_LEN, None)
+
         def start_next() -> None:
             nonlocal started_blocks
-            n = min(per, count - started_blocks)
-            cdb = _cdb_rw(READ_10, READ_16, lba + started_blocks, n)
+            first = started_blocks
+            n = per if count - first >= per else count - first
+            cdb = _cdb_rw(READ_10, READ_16, lba + first, n)
             length = n * block_size
-            at = started_blocks * block_size
+            at = first * block_size
             tag = self._next_tag()
             cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, lun, len(cdb), cdb)
-            transfers: list[tuple[int, bytes | int, memoryview | None]] = [(ep_out, cbw, None)]
-            for size in sizes if length == full else _split(length, self.urbs_per_command, self.max_packet_in):
-                transfers.append((ep_in, size, out[at:at + size]))  # the data phase in urbs_per_command URBs
-                at += size
-            transfers.append((ep_in, US_BULK_CS_WRAP_LEN, None))
-            queue.append((submit_group(transfers, timeout=timeout), started_blocks, n, cdb, tag))
-            started_blocks += n
+            if length == full and len(sizes) == 1:  # the usual command: one data URB
+                transfers: tuple[tuple[int, bytes | int, memoryview | None], ...] = (
+                    (ep_out, cbw, None), (ep_in, length, out[at:at + length]), csw)
+            else:  # the data phase in urbs_per_command URBs
+                data = []
+                for size in sizes if length == full else _split(length, self.urbs_per_command, self.max_packet_in):
+                    data.append((ep_in, size, out[at:at + size]))
+                    at += size
+                transfers = ((ep_out, cbw, None), *data, csw)
+            queue.append((submit_group(transfers, timeout=timeout), first, n, cdb, tag))
+            started_blocks = first + n
 
         try:
             with device.batched():
@@ -809,10 +817,13 @@ class MassStorage:
                     start_next()
             while queue:
                 group, first, n, cdb, tag = queue[0]
-                if not group.future.done():
-                    await device.wait_group(group)
-                csw = group.results[-1]  # set if clean: every URB went as planned
-                if not (group.clean and csw is not None and _csw_good(csw[5], tag)):  # URB by URB, as a command submitted alone would be checked and recovered
+                if not group.future.done():  # (sent already: batched() flushed it; cancellation is handled below)
+                    # Wait for the last command of the batch the next refill replaces: the server answers in
+                    # order, so one wake-up serves the whole batch (the failure of an earlier one is seen
+                    # then, with the device possibly having seen the later ones: _withdraw's `seen`).
+                    await queue[min(len(queue), batch) - 1][0].future
+                answer = group.results[-1]  # set if clean: every URB went as planned
+                if not (group.clean and answer is not None and _csw_good(answer[5], tag)):  # URB by URB, as a command submitted alone would be checked and recovered
                     target = out[first * block_size:(first + n) * block_size]
                     started = self._started(group, cdb, tag, len(target))
                     if not await self._read_clean(started, target):

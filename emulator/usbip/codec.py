@@ -1027,6 +1027,15 @@ def ret_submit_header(seqnum: int, status: int, actual_length: int) -> bytes:
 
 _RET_SUBMIT_COMMAND: Final = int(USBIP_RET_SUBMIT)
 _NO_SETUP: Final = bytes(8)
+RET_SUBMIT_LAYOUT: Final = _RET_SUBMIT
+"""usbip_header_basic + usbip_header_ret_submit as one struct: (command, seqnum, devid, direction, ep,
+status, actual_length, start_frame, number_of_packets, error_count), for a host's per-URB path that reads
+the header in place (`read_ret_submit_header` returns the same fields)."""
+RET_SUBMIT_COMMAND: Final = _RET_SUBMIT_COMMAND
+CMD_SUBMIT_LAYOUT: Final = _CMD_SUBMIT
+"""usbip_header_basic + usbip_header_cmd_submit as one struct (`cmd_submit_header`'s, for a caller that
+packs it in place)."""
+CMD_SUBMIT_COMMAND: Final = _CMD_SUBMIT_COMMAND
 
 
 def cmd_submit_header(

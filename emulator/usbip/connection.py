@@ -42,12 +42,15 @@ from types import MappingProxyType
 from typing import Final, Literal, TypeAlias
 
 from emulator.usbip.codec import (
+    CMD_SUBMIT_COMMAND,
+    CMD_SUBMIT_LAYOUT,
     DEFAULT_LIMITS,
     READERS,
+    RET_SUBMIT_COMMAND,
+    RET_SUBMIT_LAYOUT,
     Limits,
     PlainRet,
     PlainSubmit,
-    cmd_submit_header,
     message_name,
     pack_iov,
     peek_message_type,
@@ -109,6 +112,7 @@ class Phase(Enum):
 # The phases the hot path tests, as module names: `Phase.URB` goes through EnumType.__getattr__ on Python
 # 3.11 (ten times the cost of a global), and these tests run for every message.
 _URB: Final = Phase.URB
+_NO_SETUP: Final = bytes(8)
 _DIR_IN: Final = int(USBIP_DIR_IN)
 _DIR_OUT: Final = int(USBIP_DIR_OUT)
 _CLOSED: Final = Phase.CLOSED
@@ -921,16 +925,20 @@ class ClientConnection(_Connection):
             self._direct = None
             del self._submits[seqnum]
             return direct.plain
-        if self._start == self._end and self._phase is _URB and not self._eof and self._error is None:
-            return NEED_DATA  # the usual end of a batch
-        view = self._urb_view()
-        if view is None:
-            return None
         start = self._start
-        header = read_ret_submit_header(view, start)
-        if header is None:
+        end = self._end
+        if self._phase is not _URB:
             return None
-        seqnum, status, actual_length, start_frame, number_of_packets, error_count = header
+        if end - start < USBIP_HEADER_SIZE:  # (_urb_view and read_ret_submit_header, inline: once per URB)
+            return NEED_DATA if start == end and not self._eof and self._error is None else None
+        view = self._view
+        if view is None:
+            view = self._view = memoryview(self._buf)[:end]
+        command, seqnum, _, _, _, status, actual_length, start_frame, number_of_packets, error_count = (
+            RET_SUBMIT_LAYOUT.unpack_from(view, start)
+        )
+        if command != RET_SUBMIT_COMMAND:
+            return None
         urb = self._submits.get(seqnum)
         if (
             urb is None
@@ -946,8 +954,9 @@ class ClientConnection(_Connection):
         into = self._into.pop(seqnum, None) if self._into else None
         if urb[0] == _DIR_IN and actual_length:
             total = USBIP_HEADER_SIZE + actual_length
-            if self._end - start < total:
+            if end - start < total:
                 if into is not None:  # the rest of its payload is read straight into `into`
+                    header = (seqnum, status, actual_length, start_frame, number_of_packets, error_count)
                     self._read_into(view, start, header, into)
                 return None if self._eof else NEED_DATA  # next_event() would wait for the payload too
             # (a slice released as soon as it is used: CPython frees it at once, `with` would cost more)
@@ -1074,8 +1083,9 @@ class ClientConnection(_Connection):
             and not self._debug  # send_iov() logs each message
         ):
             try:
-                header = cmd_submit_header(
-                    seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length, interval
+                header = CMD_SUBMIT_LAYOUT.pack(  # cmd_submit_header(), inline: once per URB
+                    CMD_SUBMIT_COMMAND, seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length, 0, 0,
+                    interval, _NO_SETUP
                 )
             except struct.error:
                 pass  # a field out of range: send_iov names it
