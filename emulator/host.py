@@ -350,7 +350,7 @@ class UrbGroup:
     per-URB code, exactly as for URBs submitted one by one. `await group` returns when all URBs ended cleanly
     or the group was turned into `Urb`s (then `clean` is False)."""
 
-    __slots__ = ("_device", "_urbs", "deadline", "future", "lengths", "remaining", "results", "seqnums",
+    __slots__ = ("_device", "_urbs", "clean", "deadline", "future", "lengths", "remaining", "results", "seqnums",
                  "transfers")
 
     def __init__(self, device: RemoteDevice, seqnums: list[int],
@@ -363,13 +363,9 @@ class UrbGroup:
         self.future = future
         self.results: list[PlainRet | None] = [None] * len(seqnums)
         self.remaining = len(seqnums)
+        self.clean = False  # every URB ended with status 0 and moved its whole length, as a group
         self.deadline: float | None = None
         self._urbs: list[Urb] | None = None
-
-    @property
-    def clean(self) -> bool:
-        """Every URB ended with status 0 and moved its whole length (and the group is still a group)."""
-        return self._urbs is None and not self.remaining
 
     def done(self) -> bool:
         return self.future.done()
@@ -1011,6 +1007,7 @@ class RemoteDevice:
                 return
             group.remaining -= 1
             if not group.remaining and not group.future.done():
+                group.clean = True
                 group.future.set_result(None)
             return
         urb = self._urbs.pop(ret[0], None)
@@ -1154,18 +1151,22 @@ class RemoteDevice:
         write that sends them; each one's seqnum goes to `seqnums` as it is queued (a refusal raises there)."""
         link = self._link
         conn = link.conn
-        devid = self.devid
         out = link._out
         try:
-            for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=False):  # as long
-                seqnum = conn.next_seqnum()
-                if endpoint & 0x80:
-                    out += conn.submit_plain(seqnum, devid, _DIR_IN, endpoint & 0x0F, transfer_flags | _URB_DIR_IN,
-                                             length, b"", interval, into)
-                else:
-                    out += conn.submit_plain(seqnum, devid, _DIR_OUT, endpoint, transfer_flags, length,
-                                             data_or_length, interval)  # type: ignore[arg-type]
-                seqnums.append(seqnum)
+            if interval:  # (submit_plain_many sends interval 0, what bulk and most interrupt URBs carry)
+                for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=False):
+                    seqnum = conn.next_seqnum()
+                    out += conn.submit_plain(seqnum, self.devid, _DIR_IN if endpoint & 0x80 else _DIR_OUT,
+                                             endpoint & 0x0F, transfer_flags | (_URB_DIR_IN if endpoint & 0x80 else 0),
+                                             length, b"" if endpoint & 0x80 else data_or_length,  # type: ignore[arg-type]
+                                             interval, into)
+                    seqnums.append(seqnum)
+            else:
+                conn.submit_plain_many(self.devid, [
+                    (_DIR_IN, endpoint & 0x0F, transfer_flags | _URB_DIR_IN, length, b"", into) if endpoint & 0x80
+                    else (_DIR_OUT, endpoint, transfer_flags, length, data_or_length, None)  # type: ignore[misc]
+                    for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=False)
+                ], out, seqnums)
         finally:
             if out and not link._flush_scheduled:  # link.queue()'s scheduling, once for them all
                 link._flush_scheduled = True
@@ -1191,13 +1192,11 @@ class RemoteDevice:
             transfers = tuple(transfers)
         lengths = []
         for endpoint, data_or_length, into in transfers:  # all checked first: all or none are submitted
-            # _plain_length(), inline for its two usual cases (once per URB)
-            if into is None and type(data_or_length) is bytes and 0 < endpoint <= 0x0F \
-                    and len(data_or_length) <= _INT32_MAX:
-                lengths.append(len(data_or_length))
-            elif into is None and type(data_or_length) is int and 0x80 < endpoint <= 0x8F \
-                    and 0 <= data_or_length <= _INT32_MAX:
-                lengths.append(data_or_length)
+            if type(data_or_length) is int and 0x80 < endpoint <= 0x8F and 0 <= data_or_length <= _INT32_MAX \
+                    and (into is None or (len(into) >= data_or_length and not into.readonly and into.format == "B")):
+                lengths.append(data_or_length)  # _plain_length(), inline for the usual shapes
+            elif into is None and type(data_or_length) is bytes and 0 < endpoint <= 0x0F:
+                lengths.append(len(data_or_length) if len(data_or_length) <= _INT32_MAX else -1)
             else:
                 lengths.append(_plain_length(endpoint, data_or_length, into))
         if -1 in lengths:
@@ -1227,6 +1226,7 @@ class RemoteDevice:
         if urbs is not None:
             return urbs
         urbs = group._urbs = []
+        group.clean = False
         for index, seqnum in enumerate(group.seqnums):
             endpoint, _, into = group.transfers[index]
             urb = Urb(seqnum, endpoint, group.lengths[index], self._new_future())

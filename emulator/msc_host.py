@@ -286,9 +286,12 @@ class _Started:
     urbs: list[Urb]  # every URB of the command, those submitted later (CSW re-read) included
 
 
+_READ_10_CDB = struct.Struct(">BBIBHB")  # READ(10) and WRITE(10): opcode, flags, LBA, group, length, control
+
+
 def _cdb_rw(opcode10: int, opcode16: int, lba: int, count: int) -> bytes:
     if lba + count - 1 <= 0xFFFFFFFF and count <= 0xFFFF:
-        return struct.pack(">BBIBHB", opcode10, 0, lba, 0, count, 0)
+        return _READ_10_CDB.pack(opcode10, 0, lba, 0, count, 0)
     return struct.pack(">BBQIBB", opcode16, 0, lba, count, 0, 0)
 
 
@@ -794,10 +797,12 @@ class MassStorage:
             nonlocal started_blocks
             first = started_blocks
             n = per if count - first >= per else count - first
-            cdb = _cdb_rw(READ_10, READ_16, lba + first, n)
+            start = lba + first
+            cdb = (_READ_10_CDB.pack(READ_10, 0, start, 0, n, 0) if start + n <= 0x100000000 and n <= 0xFFFF
+                   else _cdb_rw(READ_10, READ_16, start, n))  # (_cdb_rw's READ(10), inline)
             length = n * block_size
             at = first * block_size
-            tag = self._next_tag()
+            self._tag = tag = self._tag % 0xFFFFFFFF + 1  # (_next_tag, inline)
             cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, lun, len(cdb), cdb)
             if length == full and len(sizes) == 1:  # the usual command: one data URB
                 transfers: tuple[tuple[int, bytes | int, memoryview | None], ...] = (
@@ -822,8 +827,11 @@ class MassStorage:
                     # order, so one wake-up serves the whole batch (the failure of an earlier one is seen
                     # then, with the device possibly having seen the later ones: _withdraw's `seen`).
                     await queue[min(len(queue), batch) - 1][0].future
-                answer = group.results[-1]  # set if clean: every URB went as planned
-                if not (group.clean and answer is not None and _csw_good(answer[5], tag)):  # URB by URB, as a command submitted alone would be checked and recovered
+                # Clean: every URB went as planned, and the CSW (13 bytes then) says GOOD for this tag, no
+                # residue (_csw_good, inline). Otherwise URB by URB, as a command submitted alone would be
+                # checked and recovered.
+                if not (group.clean and _CSW.unpack(group.results[-1][5])  # type: ignore[index]
+                        == (US_BULK_CS_SIGN, tag, 0, US_BULK_STAT_OK)):
                     target = out[first * block_size:(first + n) * block_size]
                     started = self._started(group, cdb, tag, len(target))
                     if not await self._read_clean(started, target):

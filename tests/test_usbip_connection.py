@@ -1417,6 +1417,48 @@ def test_submit_plain_sends_what_send_iov_sends_or_raises_the_same(
     assert dict(plain._submits) == dict(full._submits)
 
 
+_MANY_URB = st.tuples(
+    st.sampled_from([USBIP_DIR_IN, USBIP_DIR_OUT, 7]),
+    st.integers(-1, 17),
+    st.sampled_from([0, 0x200, 1 << 32]),
+    st.integers(-1, 40),
+    st.binary(max_size=40),
+    st.sampled_from([None, 8, 64]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([DEVID, DEVID + 1]), st.lists(_MANY_URB, max_size=4))
+@example(DEVID, [(USBIP_DIR_OUT, 2, 0, 31, bytes(31), None), (USBIP_DIR_IN, 1, 0x200, 64, b"", 64),
+                 (USBIP_DIR_IN, 1, 0x200, 13, b"", None)])  # a Bulk-Only command
+def test_submit_plain_many_is_next_seqnum_and_submit_plain_for_each(devid, urbs):
+    """One call for several URBs: the bytes, seqnums, bookkeeping and first error of a next_seqnum() +
+    submit_plain() per URB, the URBs before a refusal submitted and accounted for."""
+    many, _ = imported_pair()
+    each, _ = imported_pair()
+    for conn in (many, each):
+        conn.send(CmdSubmit(seqnum=1, devid=DEVID, direction=USBIP_DIR_IN, ep=1, transfer_buffer_length=8))
+    specs = [(d, ep, flags, length, data, None if into is None else memoryview(bytearray(into)))
+             for d, ep, flags, length, data, into in urbs]
+    out: list[bytes] = []
+    seqnums: list[int] = []
+    got = _outcome(lambda: many.submit_plain_many(devid, specs, out, seqnums) or out)
+    want_out: list[bytes] = []
+    want_seqnums: list[int] = []
+
+    def one_by_one() -> list[bytes]:
+        for d, ep, flags, length, data, into in specs:
+            seqnum = each.next_seqnum()
+            want_out.extend(each.submit_plain(seqnum, devid, d, ep, flags, length, data, 0, into))
+            want_seqnums.append(seqnum)
+        return want_out
+
+    want = _outcome(one_by_one)
+    assert (got if isinstance(got, tuple) else b"") == (want if isinstance(want, tuple) else b"")
+    assert b"".join(out) == b"".join(want_out) and seqnums == want_seqnums
+    assert dict(many._submits) == dict(each._submits) and dict(many._into) == dict(each._into)
+
+
 def test_submit_plain_urbs_are_answered_like_any_other():
     client, server = imported_pair()
     server.receive_data(b"".join(client.submit_plain(client.next_seqnum(), DEVID, USBIP_DIR_IN, 1, 0x200, 5)))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import KeysView, Mapping
+from collections.abc import KeysView, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -803,7 +803,9 @@ class ClientConnection(_Connection):
         receive buffer's free space, only `limit` bytes of it while a URB with `into` is pending (so that
         little of its payload lands in the receive buffer before its header is read). Report the total read
         with `buffer_updated`."""
-        direct = self._incoming()
+        direct = self._direct
+        if direct is None or direct.got >= direct.length:  # (_incoming's own first test, inline)
+            direct = self._incoming()
         if direct is not None:
             return [direct.into[direct.got : direct.length], super().get_buffer(limit)[:limit]]
         view = super().get_buffer(limit)
@@ -1109,6 +1111,58 @@ class ClientConnection(_Connection):
         if into is not None:
             self._into[seqnum] = into
         return data
+
+    def submit_plain_many(
+        self,
+        devid: int,
+        urbs: Sequence[tuple[int, int, int, int, bytes, memoryview | None]],
+        out: list[bytes],
+        seqnums: list[int],
+    ) -> None:
+        """`submit_plain` for several URBs — each (direction, ep, transfer_flags, transfer_buffer_length,
+        transfer_buffer, into), interval 0 — with a fresh seqnum each (`next_seqnum`), in order: the bytes go to
+        the end of `out` and the seqnums to `seqnums` as each URB is accepted, so a refusal (raised as
+        `submit_plain` raises it) leaves the earlier ones submitted and accounted for. A host's per-command
+        path: one call for a Bulk-Only command's CBW, data and CSW."""
+        fast = self._phase is _URB and devid == self._devid and not self._debug
+        submits = self._submits
+        unlinks = self._unlinks
+        pack = CMD_SUBMIT_LAYOUT.pack
+        for direction, ep, transfer_flags, length, transfer_buffer, into in urbs:
+            seqnum = self._last_seqnum % _SEQNUM_MAX + 1  # next_seqnum(), inline
+            while seqnum in submits or seqnum in unlinks:
+                seqnum = seqnum % _SEQNUM_MAX + 1
+            self._last_seqnum = seqnum
+            if (
+                fast
+                and type(ep) is int
+                and 0 < ep <= 15
+                and (
+                    len(transfer_buffer) == length and into is None
+                    if direction == _DIR_OUT
+                    else direction == _DIR_IN
+                    and not transfer_buffer
+                    and length >= 0
+                    and (into is None or (len(into) >= length and not into.readonly and into.format == "B"))
+                )
+            ):
+                try:
+                    header = pack(
+                        CMD_SUBMIT_COMMAND, seqnum, devid, direction, ep, transfer_flags, length, 0, 0, 0, _NO_SETUP
+                    )
+                except struct.error:
+                    pass  # a field out of range: submit_plain names it
+                else:
+                    submits[seqnum] = (direction, length, 0)
+                    if into is not None:
+                        self._into[seqnum] = into
+                    out.append(header)
+                    if transfer_buffer:
+                        out.append(transfer_buffer)
+                    seqnums.append(seqnum)
+                    continue
+            out += self.submit_plain(seqnum, devid, direction, ep, transfer_flags, length, transfer_buffer, 0, into)
+            seqnums.append(seqnum)
 
     def _send_cmd_submit(self, cmd: CmdSubmit) -> list[bytes]:
         if self._phase is not _URB:
