@@ -350,8 +350,8 @@ class UrbGroup:
     per-URB code, exactly as for URBs submitted one by one. `await group` returns when all URBs ended cleanly
     or the group was turned into `Urb`s (then `clean` is False)."""
 
-    __slots__ = ("_device", "_urbs", "clean", "deadline", "future", "lengths", "remaining", "results", "seqnums",
-                 "transfers")
+    __slots__ = ("_device", "_urbs", "awaited", "clean", "deadline", "future", "lengths", "remaining", "results",
+                 "seqnums", "transfers")
 
     def __init__(self, device: RemoteDevice, seqnums: list[int],
                  transfers: tuple[tuple[int, bytes | int, memoryview | None], ...], lengths: list[int],
@@ -364,6 +364,7 @@ class UrbGroup:
         self.results: list[PlainRet | None] = [None] * len(seqnums)
         self.remaining = len(seqnums)
         self.clean = False  # every URB ended with status 0 and moved its whole length, as a group
+        self.awaited = False  # someone waits for it (wait_group): its end is worth a turn of the event loop
         self.deadline: float | None = None
         self._urbs: list[Urb] | None = None
 
@@ -407,6 +408,7 @@ class _LinkCore:
         self._flush_scheduled = False
         self._receive = memoryview(bytearray(_READ_BUFFER if self._tap is not None else 0))
         self._fd = -1  # the socket's, read directly with readv (no tap)
+        self.group_done = False  # an awaited URB group completed since the read began (RemoteDevice sets it)
         self.closed = loop.create_future()
 
     def _opened(self, sock: socket.socket | None) -> None:
@@ -559,12 +561,15 @@ class _Link(_LinkCore, asyncio.BufferedProtocol):
     def _read_on(self) -> None:
         """Read on here, until the socket is empty, while URBs with `into` are pending: one readv puts the
         rest of a payload into its `into` and the next headers (`_HEAD_READ` bytes) into the core's buffer,
-        so payloads are not copied, and a turn of the event loop still takes all that has arrived. The
+        so payloads are not copied, and a turn of the event loop still takes all that has arrived. It stops
+        early once an awaited URB group completed (`group_done`): its waiter (a pipelined READ) submits the next
+        commands, which must not wait until the socket is empty or the server would run dry. The
         transport's own next read sees the end of the stream or an error first reported here is fatal."""
         conn = self.conn
         fd = self._fd
         readv = os.readv
-        while self.lost is None and conn.reading_into:
+        self.group_done = False
+        while self.lost is None and conn.reading_into and not self.group_done:
             try:
                 nbytes = readv(fd, conn.get_buffers(_HEAD_READ))
             except BlockingIOError:
@@ -1009,6 +1014,8 @@ class RemoteDevice:
             if not group.remaining and not group.future.done():
                 group.clean = True
                 group.future.set_result(None)
+                if group.awaited:
+                    self._link.group_done = True
             return
         urb = self._urbs.pop(ret[0], None)
         if urb is not None:  # else the core rejected it first (pragma: no cover)
@@ -1252,6 +1259,7 @@ class RemoteDevice:
         future = group.future
         if future.done():
             return
+        group.awaited = True
         link = self._link
         if link._out:  # someone waits now: send what is queued without waiting for the loop's next turn
             link.flush()

@@ -822,11 +822,11 @@ class MassStorage:
                     start_next()
             while queue:
                 group, first, n, cdb, tag = queue[0]
-                if not group.future.done():  # (sent already: batched() flushed it; cancellation is handled below)
+                if not group.future.done():
                     # Wait for the last command of the batch the next refill replaces: the server answers in
                     # order, so one wake-up serves the whole batch (the failure of an earlier one is seen
                     # then, with the device possibly having seen the later ones: _withdraw's `seen`).
-                    await queue[min(len(queue), batch) - 1][0].future
+                    await device.wait_group(queue[min(len(queue), batch) - 1][0])
                 # Clean: every URB went as planned, and the CSW (13 bytes then) says GOOD for this tag, no
                 # residue (_csw_good, inline). Otherwise URB by URB, as a command submitted alone would be
                 # checked and recovered.
