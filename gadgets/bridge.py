@@ -344,7 +344,7 @@ class BridgeFunction:
             log.warning("SET_CONFIGURATION(%d) at the remote failed: %s", self.configuration_value, error)
         if self._ffs.enabled:
             self.active = True
-            self.pump()
+            self._pump_pipes()
 
     def control(self, setup: SetupPacket, data: bytes) -> PendingReply:
         """Forward the request as a control URB; the answer is the remote's (a STALL stays a STALL)."""
@@ -390,9 +390,15 @@ class BridgeFunction:
                 self._pipes[ep.index].halt_pending = False
         answer.resolve(reply)
         if not setup.request_type & 0x80:  # an OUT request (a reset, a clear-halt) may let a pipe go on
-            self.pump()
+            self._pump_pipes()
 
     def pump(self) -> None:
+        """Nothing, after a turn of FunctionFS's loop: whatever lets a pipe go on (a URB or a gadget transfer
+        ending, a CBW, the remote configured, a halt cleared, an OUT request answered) pumps that pipe where it
+        happens, so the call FunctionFs makes after every turn (four per Bulk-Only command, one per control
+        request) costs nothing."""
+
+    def _pump_pipes(self) -> None:
         if not self.active:
             return
         for pipe in self._pipes.values():
@@ -573,7 +579,7 @@ class BridgeFunction:
                 self._fail(f"the remote device went away: {error}")
             elif error is not None:
                 log.warning("CLEAR_FEATURE(ENDPOINT_HALT) %#04x at the remote: %s", address, error)
-            self.pump()
+            self._pump_pipes()
 
         self.remote.background(self._device.clear_halt(address), cleared)
 
