@@ -462,12 +462,15 @@ class _LinkCore:
         on_plain = self.on_plain
         while self.lost is None:
             if on_plain is not None:
-                plain = conn.next_plain_ret()
-                if plain is not None:
+                next_plain_ret = conn.next_plain_ret
+                plain = next_plain_ret()
+                while plain is not None:  # the per-URB path: plain RET_SUBMITs as tuples
                     if plain is NEED_DATA:
                         return
                     on_plain(plain)
-                    continue
+                    if self.lost is not None:
+                        return
+                    plain = next_plain_ret()
             try:
                 event = conn.next_event()
             except ProtocolError as exc:
@@ -1169,11 +1172,11 @@ class RemoteDevice:
                                              interval, into)
                     seqnums.append(seqnum)
             else:
-                conn.submit_plain_many(self.devid, [
-                    (_DIR_IN, endpoint & 0x0F, transfer_flags | _URB_DIR_IN, length, b"", into) if endpoint & 0x80
-                    else (_DIR_OUT, endpoint, transfer_flags, length, data_or_length, None)  # type: ignore[misc]
-                    for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=False)
-                ], out, seqnums)
+                urbs = []  # (a loop, not a comprehension: that would be one more frame per command)
+                for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=False):
+                    urbs.append((_DIR_IN, endpoint & 0x0F, transfer_flags | _URB_DIR_IN, length, b"", into)
+                                if endpoint & 0x80 else (_DIR_OUT, endpoint, transfer_flags, length, data_or_length, None))
+                conn.submit_plain_many(self.devid, urbs, out, seqnums)  # type: ignore[arg-type]
         finally:
             if out and not link._flush_scheduled:  # link.queue()'s scheduling, once for them all
                 link._flush_scheduled = True

@@ -41,7 +41,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 from emulator.host import (
@@ -781,87 +781,90 @@ class MassStorage:
         count = len(out) // block_size
         per = max(1, self.max_transfer // block_size)
         depth = self.commands_in_flight
-        batch = max(1, depth // _REFILL_FRACTION)  # commands sent (and awaited) together once running
-        refill_at = depth - batch
-        # A command in the queue: its URB group, first block, block count, CDB and tag.
-        queue: collections.deque[tuple[UrbGroup, int, int, bytes, int]] = collections.deque()
+        batch = max(1, depth // _REFILL_FRACTION)  # commands sent together, as one URB group, once running
+        # A command in the queue: the URB group of its batch, where its URBs are in it (offset, how many),
+        # its first block, block count, CDB and tag.
+        queue: collections.deque[tuple[UrbGroup, int, int, int, int, bytes, int]] = collections.deque()
         started_blocks = 0
         ep_out, ep_in, lun, timeout = self.ep_out, self.ep_in, self.lun, self.timeout
-        submit_group = device.submit_group
         full = per * block_size  # every command's length but maybe the last: its data URBs planned once
         sizes = _split(full, self.urbs_per_command, self.max_packet_in)
-
         csw = (ep_in, US_BULK_CS_WRAP_LEN, None)
 
-        def start_next() -> None:
+        def start(commands: int) -> None:
+            """Submit the next `commands` READs as one URB group (one future, one wake-up for all)."""
             nonlocal started_blocks
+            transfers: list[tuple[int, bytes | int, memoryview | None]] = []
+            planned = []
             first = started_blocks
-            n = per if count - first >= per else count - first
-            start = lba + first
-            cdb = (_READ_10_CDB.pack(READ_10, 0, start, 0, n, 0) if start + n <= 0x100000000 and n <= 0xFFFF
-                   else _cdb_rw(READ_10, READ_16, start, n))  # (_cdb_rw's READ(10), inline)
-            length = n * block_size
-            at = first * block_size
-            self._tag = tag = self._tag % 0xFFFFFFFF + 1  # (_next_tag, inline)
-            cbw = _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, lun, len(cdb), cdb)
-            if length == full and len(sizes) == 1:  # the usual command: one data URB
-                transfers: tuple[tuple[int, bytes | int, memoryview | None], ...] = (
-                    (ep_out, cbw, None), (ep_in, length, out[at:at + length]), csw)
-            else:  # the data phase in urbs_per_command URBs
-                data = []
+            for _ in range(commands):
+                n = per if count - first >= per else count - first
+                at = lba + first
+                cdb = (_READ_10_CDB.pack(READ_10, 0, at, 0, n, 0) if at + n <= 0x100000000 and n <= 0xFFFF
+                       else _cdb_rw(READ_10, READ_16, at, n))  # (_cdb_rw's READ(10), inline)
+                length = n * block_size
+                at = first * block_size
+                self._tag = tag = self._tag % 0xFFFFFFFF + 1  # (_next_tag, inline)
+                offset = len(transfers)
+                transfers.append((ep_out, _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, lun, len(cdb), cdb),
+                                  None))
                 for size in sizes if length == full else _split(length, self.urbs_per_command, self.max_packet_in):
-                    data.append((ep_in, size, out[at:at + size]))
+                    transfers.append((ep_in, size, out[at:at + size]))  # the data phase in urbs_per_command URBs
                     at += size
-                transfers = ((ep_out, cbw, None), *data, csw)
-            queue.append((submit_group(transfers, timeout=timeout), first, n, cdb, tag))
-            started_blocks = first + n
+                transfers.append(csw)
+                planned.append((offset, len(transfers) - offset, first, n, cdb, tag))
+                first += n
+            group = device.submit_group(transfers, timeout=timeout)
+            for entry in planned:
+                queue.append((group, *entry))
+            started_blocks = first
+
+        def commands_left() -> int:
+            return -(-(count - started_blocks) // per)
 
         try:
             with device.batched():
                 while started_blocks < count and len(queue) < depth:
-                    start_next()
+                    start(min(batch, depth - len(queue), commands_left()))
             while queue:
-                group, first, n, cdb, tag = queue[0]
-                if not group.future.done():
-                    # Wait for the last command of the batch the next refill replaces: the server answers in
-                    # order, so one wake-up serves the whole batch (the failure of an earlier one is seen
-                    # then, with the device possibly having seen the later ones: _withdraw's `seen`).
-                    await device.wait_group(queue[min(len(queue), batch) - 1][0])
-                # Clean: every URB went as planned, and the CSW (13 bytes then) says GOOD for this tag, no
-                # residue (_csw_good, inline). Otherwise URB by URB, as a command submitted alone would be
-                # checked and recovered.
-                if not (group.clean and _CSW.unpack(group.results[-1][5])  # type: ignore[index]
+                group, offset, urbs, first, n, cdb, tag = queue[0]
+                if not group.future.done():  # its batch: answered in order, all ended or one went wrong
+                    await device.wait_group(group)
+                # Clean: every URB of the batch went as planned, and this command's CSW (13 bytes then) says
+                # GOOD for its tag, no residue (_csw_good, inline). Otherwise URB by URB, as a command
+                # submitted alone would be checked and recovered (the rest of a batch too).
+                if not (group.clean and _CSW.unpack(group.results[offset + urbs - 1][5])  # type: ignore[index]
                         == (US_BULK_CS_SIGN, tag, 0, US_BULK_STAT_OK)):
                     target = out[first * block_size:(first + n) * block_size]
-                    started = self._started(group, cdb, tag, len(target))
+                    started = self._started(group.urbs()[offset:offset + urbs], cdb, tag, len(target))
                     if not await self._read_clean(started, target):
-                        later = [command.urbs() for command, _, _, _, _ in list(queue)[1:]]
+                        later = [command.urbs()[o:o + c] for command, o, c, *_ in list(queue)[1:]]
                         while len(queue) > 1:
                             queue.pop()
                         seen = await self._withdraw(later)
                         started_blocks = first + n
                         await self._finish_read(started, target, seen)
                 queue.popleft()
-                if started_blocks < count and len(queue) <= refill_at:
+                if started_blocks < count and len(queue) <= depth - batch:
                     with device.batched():  # several commands in one write: fewer sends, same order
                         while started_blocks < count and len(queue) < depth:
-                            start_next()
+                            start(min(batch, depth - len(queue), commands_left()))
         except asyncio.CancelledError:
-            for command, _, _, _, _ in queue:
-                for urb in command.urbs():
-                    device.cancel(urb)
+            self._cancel_queued(queue)
             self._needs_recovery = True
             raise
-        except BaseException:
-            for command, _, _, _, _ in queue:  # e.g. the device went away: nothing of them is awaited any more
-                for urb in command.urbs():
-                    device.cancel(urb)
+        except BaseException:  # e.g. the device went away: nothing of them is awaited any more
+            self._cancel_queued(queue)
             raise
 
-    def _started(self, group: UrbGroup, cdb: bytes, tag: int, length: int) -> _Started:
-        """A pipelined READ's URB group as the URBs `_read_clean`, `_complete` and recovery work on."""
-        urbs = group.urbs()
-        return _Started(cdb, tag, length, b"", self.timeout, urbs[0], urbs[1:-1], urbs[-1], list(urbs))
+    def _cancel_queued(self, queue: Iterable[tuple[UrbGroup, int, int, int, int, bytes, int]]) -> None:
+        for group in dict.fromkeys(entry[0] for entry in queue):  # each batch's group once
+            for urb in group.urbs():
+                self.device.cancel(urb)
+
+    def _started(self, urbs: Sequence[Urb], cdb: bytes, tag: int, length: int) -> _Started:
+        """A pipelined READ's URBs (CBW, data, CSW) as `_read_clean`, `_complete` and recovery work on them."""
+        return _Started(cdb, tag, length, b"", self.timeout, urbs[0], list(urbs[1:-1]), urbs[-1], list(urbs))
 
     async def _read_clean(self, started: _Started, target: memoryview) -> bool:
         """Wait for a READ's URBs; True (data in `target`) if every phase went as planned and the CSW
