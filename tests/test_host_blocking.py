@@ -29,7 +29,7 @@ from emulator.host import (
     import_device_blocking,
     list_devices_blocking,
 )
-from emulator.msc_host import MassStorage, MscError, SyncMassStorage
+from emulator.msc_host import Capacity, MassStorage, MscError, ScsiCheckCondition, SyncMassStorage
 from emulator.sync_host import LoopThread, SyncRemoteDevice
 from emulator.usbip.constants import ST_NODEV
 from tests.host_helpers import fake_server, server_process, server_thread
@@ -116,6 +116,25 @@ def test_blocking_pipelined_read_and_large_write_round_trip(tmp_path: Path) -> N
         disk.readinto_blocks(8, memoryview(back))
         assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
     assert image.read_bytes()[8 * 512:8 * 512 + len(data)] == data
+
+
+def test_blocking_pipelined_read_failing_mid_batch_raises_its_own_sense(tmp_path: Path) -> None:
+    """The host believes the disk is larger: the sixth READ of a pipelined stream (in the second batch of
+    four) crosses the real end; the batch is checked command by command, the rest withdrawn, the failure
+    raised with its sense, and the disk reads on."""
+    image = tmp_path / "disk.img"
+    original = os.urandom(4 * MIB)
+    image.write_bytes(original)
+    blocks = 4 * MIB // 512
+    with server_thread([mass_storage_device(str(image))]) as running, \
+            SyncRemoteDevice.open("127.0.0.1", "1-1", running.port) as remote:
+        disk = SyncMassStorage(remote, commands_in_flight=8, max_transfer=64 * 1024)
+        disk.msc.capacity = Capacity(blocks + 4096, 512)
+        with pytest.raises(ScsiCheckCondition) as info:
+            disk.read_blocks(blocks - 5 * 128, 20 * 128)
+        assert (info.value.sense.key, info.value.sense.asc) == (0x5, 0x21)
+        assert remote.device.pending == 0
+        assert disk.read_blocks(blocks - 5 * 128, 5 * 128) == original[-5 * 128 * 512:]
 
 
 def test_server_killed_mid_read_raises_device_gone(tmp_path: Path) -> None:
