@@ -350,8 +350,8 @@ class UrbGroup:
     per-URB code, exactly as for URBs submitted one by one. `await group` returns when all URBs ended cleanly
     or the group was turned into `Urb`s (then `clean` is False)."""
 
-    __slots__ = ("_device", "_urbs", "awaited", "clean", "deadline", "future", "lengths", "remaining", "results",
-                 "seqnums", "transfers")
+    __slots__ = ("_device", "_urbs", "awaited", "clean", "deadline", "future", "lengths", "on_done", "remaining",
+                 "results", "seqnums", "transfers")
 
     def __init__(self, device: RemoteDevice, seqnums: list[int],
                  transfers: tuple[tuple[int, bytes | int, memoryview | None], ...], lengths: list[int],
@@ -365,11 +365,21 @@ class UrbGroup:
         self.remaining = len(seqnums)
         self.clean = False  # every URB ended with status 0 and moved its whole length, as a group
         self.awaited = False  # someone waits for it (wait_group): its end is worth a turn of the event loop
+        # Runs the moment the group ends (clean, or turned into Urbs), inside the code that decoded the
+        # answer, as `Urb.on_done` does: the next commands can be submitted without a task switch.
+        self.on_done: Callable[[UrbGroup], None] | None = None
         self.deadline: float | None = None
         self._urbs: list[Urb] | None = None
 
     def done(self) -> bool:
         return self.future.done()
+
+    def _call_back(self) -> None:
+        assert self.on_done is not None
+        try:
+            self.on_done(self)
+        except Exception:  # it runs inside the connection's receive path, which must go on
+            log.exception("the completion callback of %r failed", self)
 
     def urbs(self) -> list[Urb]:
         """The group as ordinary `Urb`s, in submission order (the group stops being one): to wait for,
@@ -584,6 +594,8 @@ class _Link(_LinkCore, asyncio.BufferedProtocol):
                 return  # the end of the stream: the transport's next read reports it
             conn.buffer_updated(nbytes)
             self._pump()
+            if self._out:  # what completion callbacks submitted leaves now
+                self.flush()
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
@@ -1019,6 +1031,8 @@ class RemoteDevice:
                 group.future.set_result(None)
                 if group.awaited:
                     self._link.group_done = True
+                if group.on_done is not None:
+                    group._call_back()
             return
         urb = self._urbs.pop(ret[0], None)
         if urb is not None:  # else the core rejected it first (pragma: no cover)
@@ -1250,6 +1264,8 @@ class RemoteDevice:
             urbs.append(urb)
         if not group.future.done():
             group.future.set_result(None)
+            if group.on_done is not None:
+                group._call_back()
         return urbs
 
     def _ungroup_all(self) -> None:
@@ -1329,6 +1345,11 @@ class RemoteDevice:
         if isinstance(urb.future, BlockingFuture):  # nothing cancels a blocking wait: no shield needed
             return typing.cast(UrbResult, await urb.future)
         return await asyncio.shield(urb.future)
+
+    def create_future(self) -> asyncio.Future[Any]:
+        """A future of this device's loop (asyncio's, or the blocking runtime's), e.g. for a completion
+        callback to wake a waiting coroutine."""
+        return self._new_future()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run one of this device's coroutines (or one built on them, e.g. `MassStorage`'s) to its end in the

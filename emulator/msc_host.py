@@ -791,6 +791,43 @@ class MassStorage:
         sizes = _split(full, self.urbs_per_command, self.max_packet_in)
         csw = (ep_in, US_BULK_CS_WRAP_LEN, None)
 
+        streaming = True  # batches end in on_batch, inside the receive path; the task only waits for `halted`
+        halted = device.create_future()
+
+        def halt() -> None:
+            nonlocal streaming
+            streaming = False
+            if not halted.done():
+                halted.set_result(None)
+
+        def on_batch(group: UrbGroup) -> None:
+            """A batch ended (run by the host as its last answer is decoded). If it went as planned, its
+            commands are done and the next batch is submitted at once, without waking the task; anything
+            else (a URB or CSW not as planned, a batch ending out of turn, the end) hands over to the task."""
+            if not streaming:
+                return
+            if not (queue and queue[0][0] is group and group.clean):
+                halt()
+                return
+            results = group.results
+            while queue and queue[0][0] is group:
+                _, offset, urbs, _, _, _, tag = queue[0]
+                if _CSW.unpack(results[offset + urbs - 1][5]) != (  # type: ignore[index]
+                        US_BULK_CS_SIGN, tag, 0, US_BULK_STAT_OK):
+                    halt()  # the task checks and recovers this command
+                    return
+                queue.popleft()
+            if started_blocks >= count:
+                if not queue:
+                    halt()
+                return
+            try:
+                with device.batched():
+                    while started_blocks < count and len(queue) < depth:
+                        start(min(batch, depth - len(queue), commands_left()))
+            except Exception:  # e.g. the connection is gone: the task meets it again and raises it
+                halt()
+
         def start(commands: int) -> None:
             """Submit the next `commands` READs as one URB group (one future, one wake-up for all)."""
             nonlocal started_blocks
@@ -815,6 +852,11 @@ class MassStorage:
                 planned.append((offset, len(transfers) - offset, first, n, cdb, tag))
                 first += n
             group = device.submit_group(transfers, timeout=timeout)
+            if streaming:
+                if group.future.done():  # not even submitted whole: the task sorts it out
+                    halt()
+                else:
+                    group.on_done = on_batch
             for entry in planned:
                 queue.append((group, *entry))
             started_blocks = first
@@ -826,6 +868,9 @@ class MassStorage:
             with device.batched():
                 while started_blocks < count and len(queue) < depth:
                     start(min(batch, depth - len(queue), commands_left()))
+            if queue:
+                await halted  # the clean stream runs in on_batch; what is left is for the loop below
+            streaming = False
             while queue:
                 group, offset, urbs, first, n, cdb, tag = queue[0]
                 if not group.future.done():  # its batch: answered in order, all ended or one went wrong
