@@ -119,6 +119,45 @@ def test_a_stalled_data_urb_turns_the_group_into_urbs_with_their_results(image: 
     run(main())
 
 
+def test_on_done_runs_once_as_a_group_ends_clean_or_turns_into_urbs(image: Path) -> None:
+    """The callback runs inside the receive path the moment the last answer is decoded (the group's future
+    is done by then), and once for a group that goes wrong (a stalled data phase), with `clean` telling
+    which; a second group submitted from the callback goes out at once."""
+    async def main() -> None:
+        async with UsbipServer([mass_storage_device(str(image), can_stall=True)], port=0) as server:
+            device = await _configured(server.port)
+            try:
+                seen: list[tuple[int, bool, bool]] = []
+                follow: list = []
+
+                def on_done(group) -> None:  # type: ignore[no-untyped-def]
+                    seen.append((id(group), group.clean, group.future.done()))
+                    if len(seen) == 1:  # submitted from inside the receive path: a READ past the end
+                        follow.append(device.submit_group([(0x01, _read10(2, MIB // 512 - 1, 8), None),
+                                                           (0x81, 4096, memoryview(bytearray(4096))),
+                                                           (0x81, 13, None)]))
+                        follow[0].on_done = on_done
+
+                first = device.submit_group([(0x01, _read10(1, 0, 8), None),
+                                             (0x81, 4096, memoryview(bytearray(4096))), (0x81, 13, None)])
+                first.on_done = on_done
+                await device.wait_group(first)
+                await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(_until(lambda: len(seen) == 2))), 5)
+                assert seen == [(id(first), True, True), (id(follow[0]), False, True)]
+                for urb in follow[0].urbs():  # clean up the stalled command
+                    if not urb.done():
+                        await device.unlink(urb)
+            finally:
+                await device.close()
+
+    run(main())
+
+
+async def _until(condition) -> None:  # type: ignore[no-untyped-def]
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
 def test_a_group_that_times_out_is_unlinked_and_raises_transfer_timeout() -> None:
     async def main() -> None:
         async with UsbipServer([hid_keyboard_device(Keyboard())], port=0) as server:
