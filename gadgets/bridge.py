@@ -471,8 +471,10 @@ class BridgeFunction:
             pool = pipe.pool
             token.buffer = buffer = pool.pop() if pool and len(pool[-1]) >= token.length else bytearray(token.length)
             into = memoryview(buffer)[: token.length]
+        device = self.remote.remote
+        assert device is not None  # the bridge is attached only once the remote is open
         try:
-            urb = self._device.submit(pipe.ep.address, data_or_length, timeout=None, into=into)
+            urb = device.submit(pipe.ep.address, data_or_length, timeout=None, into=into)
         except HostError as exc:
             token.error, token.done = exc, True
             self.remote.loop.call_soon(self._urb_done, pipe)
@@ -481,13 +483,12 @@ class BridgeFunction:
         urb.on_done = functools.partial(self._urb_finished, pipe, token)
 
     def _urb_finished(self, pipe: _Pipe, token: _Token, urb: Urb) -> None:
-        future = urb.future
-        if future.cancelled():
+        try:
+            token.result = urb.future.result()  # one call in the usual case, not cancelled/exception/result
+        except asyncio.CancelledError:
             token.error = DeviceGone("the URB was cancelled")
-        else:
-            token.error = future.exception()
-            if token.error is None:
-                token.result = future.result()
+        except BaseException as exc:  # the URB's error, handed on as _result expects it
+            token.error = exc
         token.done = True
         self._urb_done(pipe)
 
@@ -591,7 +592,8 @@ class BridgeFunction:
         self._pump_in(pipe)
 
     def _pump_in(self, pipe: _Pipe) -> None:
-        ffs = self._ffs
+        ffs = self.ffs
+        assert ffs is not None
         index = pipe.index
         if pipe.halt_pending:
             if ffs.in_flight(index):
@@ -607,7 +609,8 @@ class BridgeFunction:
             self._submit(pipe, size)
 
     def _pump_out(self, pipe: _Pipe) -> None:
-        ffs = self._ffs
+        ffs = self.ffs
+        assert ffs is not None
         index = pipe.index
         if not self.active or pipe.clearing:
             return
