@@ -108,6 +108,9 @@ class BlockingLoop:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
+        self._poller = select.poll()
+        self._poller.register(self._wake_read, select.POLLIN)
+        self._watching: tuple[int, int] = (-1, 0)  # the socket's fd and events registered with _poller
         self._closed = False
 
     # -- what the host uses of an event loop -------------------------------------------------------------
@@ -229,19 +232,24 @@ class BlockingLoop:
             finally:
                 self._lock.acquire()
             return
-        poller = select.poll()
-        poller.register(self._wake_read, select.POLLIN)
-        if io is not None:
-            poller.register(io.fd, select.POLLIN | (select.POLLOUT if io.wants_write() else 0))
+        poller = self._poller  # kept from one wait to the next: registered once, changed when needed
+        watch = (-1, 0) if io is None else (io.fd, select.POLLIN | (select.POLLOUT if io.wants_write() else 0))
+        if watch != self._watching:
+            if self._watching[0] >= 0:
+                poller.unregister(self._watching[0])
+            if watch[0] >= 0:
+                poller.register(*watch)
+            self._watching = watch
         self._polling = True
         self._lock.release()
         try:
-            poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999)))
+            events = poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999)))
         finally:
             self._lock.acquire()
             self._polling = False
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_read, 512)
+        if any(fd == self._wake_read for fd, _ in events):
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_read, 512)
 
     def _wake_leader(self) -> None:
         """A thread other than the leader scheduled something while the leader sleeps in poll(): wake it."""
