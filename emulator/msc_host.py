@@ -806,6 +806,13 @@ class MassStorage:
             else (a URB or CSW not as planned, a batch ending out of turn, the end) hands over to the task."""
             if not streaming:
                 return
+            try:
+                advance(group)
+            except BaseException:  # whatever it is, the task must not wait for a stream that stopped
+                halt()
+                raise
+
+        def advance(group: UrbGroup) -> None:
             if not (queue and queue[0][0] is group and group.clean):
                 halt()
                 return
@@ -895,10 +902,12 @@ class MassStorage:
                         while started_blocks < count and len(queue) < depth:
                             start(min(batch, depth - len(queue), commands_left()))
         except asyncio.CancelledError:
+            streaming = False
             self._cancel_queued(queue)
             self._needs_recovery = True
             raise
         except BaseException:  # e.g. the device went away: nothing of them is awaited any more
+            streaming = False
             self._cancel_queued(queue)
             raise
 

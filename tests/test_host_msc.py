@@ -376,6 +376,33 @@ def test_a_failing_read_in_the_middle_of_a_pipelined_stream_raises_its_own_sense
     run(main())
 
 
+def test_cancelling_a_pipelined_read_mid_stream_unlinks_its_urbs_and_the_disk_reads_on(image: Path) -> None:
+    """The clean stream runs in completion callbacks; cancelling the task that waits for it stops the
+    stream, unlinks what is queued, and the next command starts with reset recovery."""
+    original = os.urandom(16 * MIB)
+    image.write_bytes(original)
+
+    async def main() -> None:
+        async with UsbipServer([mass_storage_device(str(image))], port=0) as server, \
+                await import_device("127.0.0.1", "1-1", server.port) as device:
+            msc = await MassStorage(device, commands_in_flight=8, max_transfer=64 * 1024).open()
+            buffer = bytearray(16 * MIB)
+            task = asyncio.ensure_future(msc.readinto_blocks(0, memoryview(buffer)))
+            while device.pending == 0:
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.002)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            deadline = time.monotonic() + 5
+            while device.pending and time.monotonic() < deadline:  # the unlinks are answered
+                await asyncio.sleep(0.01)
+            assert device.pending == 0
+            assert await msc.read_blocks(100, 300) == original[100 * 512:400 * 512]
+
+    run(main())
+
+
 def test_commands_in_flight_below_one_is_refused(image: Path) -> None:
     async def main() -> None:
         async with UsbipServer([mass_storage_device(str(image))], port=0) as server, \
