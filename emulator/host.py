@@ -267,6 +267,15 @@ def _silence(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _run_callback(callback: Callable[[Any], None] | None, owner: object) -> None:
+    """Run a URB's or a group's `on_done`: inside the connection's receive path, which must go on."""
+    assert callback is not None
+    try:
+        callback(owner)
+    except Exception:
+        log.exception("the completion callback of %r failed", owner)
+
+
 class Urb:
     """One submitted URB: `await urb` (or `await device.wait(urb)`) gives its `UrbResult`.
 
@@ -315,11 +324,7 @@ class Urb:
                 self._call_back()
 
     def _call_back(self) -> None:
-        assert self.on_done is not None
-        try:
-            self.on_done(self)
-        except Exception:  # it runs inside the connection's receive path, which must go on
-            log.exception("the completion callback of %r failed", self)
+        _run_callback(self.on_done, self)
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "unlinking" if self.unlink_seqnum else "pending"
@@ -375,11 +380,7 @@ class UrbGroup:
         return self.future.done()
 
     def _call_back(self) -> None:
-        assert self.on_done is not None
-        try:
-            self.on_done(self)
-        except Exception:  # it runs inside the connection's receive path, which must go on
-            log.exception("the completion callback of %r failed", self)
+        _run_callback(self.on_done, self)
 
     def urbs(self) -> list[Urb]:
         """The group as ordinary `Urb`s, in submission order (the group stops being one): to wait for,
