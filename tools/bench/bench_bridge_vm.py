@@ -18,15 +18,19 @@ disks, vhci's port and the bridge's gadget) runs at SuperSpeed and usb-storage s
 paths instead of 120 KiB ones. Then the floor under the bridge's local half: the same image served by vusb's
 Python model through FunctionFS (`vusb emulate --gadget mass-storage`) on dummy_udc.2, with no USB/IP at all.
 
-`--profile` runs the bridge under cProfile (every thread) and prints where its time went. Run from the
-repository root: `.venv/bin/python tools/bench/bench_bridge_vm.py [--size-mb 64] [--rounds 3]
-[--iterations 1000] [--profile] [--super-speed]` (or `vusb bench bridge-vm`).
+`--profile` runs the bridge under cProfile (every thread) and prints where its time went. `--timeline` reads
+16 MiB more on each path alone with usbmon listening on all buses and prints, per 1 MiB command, when each
+of its URBs was submitted and completed on the local bus and at the remote (usbip-host's dummy_hcd): where a
+command's time goes, hop by hop, on both paths. Run from the repository root:
+`.venv/bin/python tools/bench/bench_bridge_vm.py [--size-mb 64] [--rounds 3] [--iterations 1000] [--profile]
+[--timeline] [--super-speed]` (or `vusb bench bridge-vm`).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -136,6 +140,89 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
+# Bulk-Only phases of a command, in µs from its CBW's submission on the local bus (usb-storage's URB).
+PHASES = ("local CBW at device", "remote CBW submitted", "remote CBW done", "remote first data", "remote last data",
+          "remote CSW", "local data done", "local CSW done", "next local CBW")
+US_BULK_CB_WRAP_LEN, US_BULK_CS_WRAP_LEN = 31, 13
+
+
+def bot_timeline(lines: list[str], local_bus: int, remote_bus: int, data_length: int = CHUNK) -> dict[str, float]:
+    """Median time of each of `PHASES` over the Bulk-Only commands of `data_length` in a usbmon text trace
+    (Documentation/usb/usbmon.rst: tag, timestamp µs, S/C, type:bus:dev:ep, status, length, ...). Commands
+    missing an event (usbmon drops events when its reader falls behind) are left out of that phase."""
+    commands: list[list[tuple[int, str, int, bool, int]]] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or not (fields[1].isdigit() and fields[5].isdigit()):
+            continue
+        kind, where = fields[2], fields[3].split(":")
+        if len(where) < 4 or not where[1].isdigit() or where[0] not in ("Bi", "Bo"):
+            continue
+        event = (int(fields[1]), kind, int(where[1]), where[0] == "Bi", int(fields[5]))
+        if event[2] == local_bus and kind == "S" and not event[3] and event[4] == US_BULK_CB_WRAP_LEN:
+            commands.append([event])
+        elif commands:
+            commands[-1].append(event)
+    samples: dict[str, list[int]] = {phase: [] for phase in PHASES}
+    for command, following in itertools.pairwise(commands):
+        if not any(bus == local_bus and kind == "S" and is_in and length == data_length
+                   for _, kind, bus, is_in, length in command):
+            continue
+        found = {"local CBW at device": _times(command, local_bus, "C", False, "cbw")[:1],
+                 "remote CBW submitted": _times(command, remote_bus, "S", False, "cbw")[:1],
+                 "remote CBW done": _times(command, remote_bus, "C", False, "cbw")[:1],
+                 "remote first data": _times(command, remote_bus, "C", True, "data")[:1],
+                 "remote last data": _times(command, remote_bus, "C", True, "data")[-1:],
+                 "remote CSW": _times(command, remote_bus, "C", True, "csw")[:1],
+                 "local data done": _times(command, local_bus, "C", True, "data")[:1],
+                 "local CSW done": _times(command, local_bus, "C", True, "csw")[:1],
+                 "next local CBW": [following[0][0] - command[0][0]]}
+        for phase, values in found.items():
+            samples[phase].extend(values)
+    return {phase: statistics.median(values) for phase, values in samples.items() if values}
+
+
+def _times(command: list[tuple[int, str, int, bool, int]], bus: int, kind: str, is_in: bool, what: str) -> list[int]:
+    """When `command`'s events of one kind happened, in µs after its first (the CBW's submission); `what`:
+    "cbw", "csw" or "data" (any other non-empty length)."""
+    start = command[0][0]
+    return [t - start for t, k, b, i, n in command if b == bus and k == kind and i == is_in
+            and (n == US_BULK_CS_WRAP_LEN if what == "csw" else n == US_BULK_CB_WRAP_LEN if what == "cbw"
+                 else n not in (US_BULK_CS_WRAP_LEN, 0))]
+
+
+def usbmon_timeline(disk: str, size: int, local_bus: int, remote_bus: int) -> dict[str, float]:
+    """Read `disk` alone (O_DIRECT 1 MiB, into pages faulted in beforehand) while usbmon records all buses."""
+    from tools.vm import guest
+
+    debug = Path("/sys/kernel/debug")
+    if not Path(debug, "usb").is_dir():
+        subprocess.run(["mount", "-t", "debugfs", "none", str(debug)], capture_output=True, check=False)
+    guest.modprobe("usbmon")
+    buffer = mmap.mmap(-1, size)
+    view = memoryview(buffer)
+    for offset in range(0, size, mmap.PAGESIZE):
+        view[offset] = 0
+    trace = Path("/tmp/bench-bridge-usbmon.txt")
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with trace.open("w") as out:
+            reader = subprocess.Popen(["cat", str(debug / "usb/usbmon/0u")], stdout=out)
+            time.sleep(0.5)
+            try:
+                for offset in range(0, size, CHUNK):
+                    os.preadv(fd, [view[offset : offset + CHUNK]], offset)
+                time.sleep(0.2)
+            finally:
+                reader.terminate()
+                reader.wait()
+    finally:
+        os.close(fd)
+        view.release()
+        buffer.close()
+    return bot_timeline(trace.read_text().splitlines(), local_bus, remote_bus)
+
+
 # --- the paths (guest side) -------------------------------------------------------------------------------
 
 
@@ -149,7 +236,8 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return output
 
 
-def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool, super_speed: bool) -> dict[str, object]:
+def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool, super_speed: bool,
+               timeline: bool = False) -> dict[str, object]:
     from tools.vm import guest
 
     size = size_mb << 20
@@ -199,6 +287,13 @@ def guest_main(size_mb: int, rounds: int, iterations: int, profile: bool, super_
                                                              "system": round(system / commands * 1e3, 2)}
                     (vhci_dev,) = guest.usb_devices("vhci_hcd")
                     (bridged_dev,) = guest.usb_devices(hcd_local)
+                    if timeline:
+                        def bus(device: guest.UsbDevice) -> int:
+                            return int(Path(device.sysfs_path, "busnum").read_text())
+
+                        results["timeline_us"] = {
+                            "vhci": usbmon_timeline(disks["vhci"], 16 << 20, bus(vhci_dev), bus(dev_a)),
+                            "bridge": usbmon_timeline(disks["bridge"], 16 << 20, bus(bridged_dev), bus(dev_b))}
                     results["control_us"] = control_in_subprocess(
                         {"vhci": vhci_dev.sysfs_path, "bridge": bridged_dev.sysfs_path}, iterations)
                 finally:
@@ -300,6 +395,15 @@ def report(results: dict[str, object]) -> tuple[float, float]:
     print(f"floor: the image served by vusb's Python model through FunctionFS locally (no USB/IP, measured after): "
           f"read {results['floor_read_mb_s']:.1f} MB/s, GET_MAX_LUN {percentile(lun, 50):.0f} / "
           f"{percentile(lun, 99):.0f} µs")
+    timeline: dict[str, dict[str, float]] | None = results.get("timeline_us")  # type: ignore[assignment]
+    if timeline:
+        print("one 1 MiB READ, each path read alone under usbmon (median µs from the CBW's submission on the local "
+              "bus; 'remote' = at usbip-host's device):")
+        print(f"  {'':22s} {'vhci':>8s} {'bridge':>8s}")
+        for phase in PHASES:
+            cells = [f"{timeline[path][phase]:8.0f}" if phase in timeline[path] else f"{'-':>8s}"
+                     for path in ("vhci", "bridge")]
+            print(f"  {phase:22s} {' '.join(cells)}")
     if "profile" in results:
         print(results["profile"])
     return read_ratio, ratios["get_max_lun"]
@@ -311,6 +415,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--profile", action="store_true", help="profile the bridge process (cProfile, all threads)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="read 16 MiB more on each path alone under usbmon: per-hop times of a 1 MiB command")
     parser.add_argument("--super-speed", action="store_true",
                         help="load dummy_hcd with is_super_speed=Y: both paths at SuperSpeed (1 MiB commands)")
     parser.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
@@ -324,12 +430,14 @@ def main() -> int:
     if args.profile_to is not None:
         return profile_attach(args.profile_to, args.vusb_args)
     if args.guest:
-        emit(guest_main(args.size_mb, args.rounds, args.iterations, args.profile, args.super_speed))
+        emit(guest_main(args.size_mb, args.rounds, args.iterations, args.profile, args.super_speed,
+                        args.timeline))
         return 0
     results = run_guest(Path(__file__).resolve(),
                         ["--size-mb", str(args.size_mb), "--rounds", str(args.rounds), "--iterations",
                          str(args.iterations), *(["--profile"] if args.profile else []),
-                         *(["--super-speed"] if args.super_speed else [])], timeout=1800)
+                         *(["--super-speed"] if args.super_speed else []),
+                         *(["--timeline"] if args.timeline else [])], timeout=1800)
     if results is None:
         return 1
     report(results)
