@@ -1148,9 +1148,9 @@ class RemoteDevice:
         if into is not None and (not number or isos or direction != USBIP_DIR_IN or into.readonly
                                  or into.format != "B" or len(into) < length):
             raise UnsupportedTransfer("into: a writable byte view as long as the transfer, for bulk or interrupt IN")
-        if number and not isos:  # bulk or interrupt: the core packs it without a message object
+        if not isos:  # control, bulk or interrupt: the core packs it without a message object
             link.queue(conn.submit_plain(seqnum, self.devid, direction, number, transfer_flags, length,
-                                         typing.cast(bytes, payload), interval, into))
+                                         typing.cast(bytes, payload), interval, into, setup_bytes))
         else:
             link.send(CmdSubmit(seqnum=seqnum, devid=self.devid, direction=direction, ep=number,
                                 transfer_flags=transfer_flags, transfer_buffer_length=length,

@@ -1396,10 +1396,12 @@ def _outcome(call):
     st.integers(-1, 40),
     st.binary(max_size=40),
     st.sampled_from([0, 4, -1 << 31, 1 << 31]),
+    st.sampled_from([bytes(8), bytes.fromhex("8006000100001200"), b"short"]),
 )
-@example(0, DEVID, USBIP_DIR_IN, 1, 0, -1, b"", 0)  # a negative IN length: the wire's int32 would take it
+@example(0, DEVID, USBIP_DIR_IN, 1, 0, -1, b"", 0, bytes(8))  # a negative IN length: the wire's int32 would take it
+@example(0, DEVID, USBIP_DIR_IN, 0, 0x200, 18, b"", 0, bytes.fromhex("8006000100001200"))  # GET_DESCRIPTOR
 def test_submit_plain_sends_what_send_iov_sends_or_raises_the_same(
-    outstanding, devid, direction, ep, flags, length, data, interval
+    outstanding, devid, direction, ep, flags, length, data, interval, setup
 ):
     """submit_plain gives send_iov(CmdSubmit(...))'s bytes, bookkeeping and errors, with or without its shortcut."""
     plain, _ = imported_pair()
@@ -1410,7 +1412,7 @@ def test_submit_plain_sends_what_send_iov_sends_or_raises_the_same(
                 CmdSubmit(seqnum=seqnum, devid=DEVID, direction=USBIP_DIR_IN, ep=1, transfer_buffer_length=8)
             )
     cmd = dict(seqnum=outstanding, devid=devid, direction=direction, ep=ep, transfer_flags=flags)
-    cmd.update(transfer_buffer_length=length, transfer_buffer=data, interval=interval)
+    cmd.update(transfer_buffer_length=length, transfer_buffer=data, interval=interval, setup=setup)
     got = _outcome(lambda: plain.submit_plain(**cmd))
     want = _outcome(lambda: full.send_iov(CmdSubmit(**cmd)))
     assert got == want

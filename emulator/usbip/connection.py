@@ -1059,10 +1059,11 @@ class ClientConnection(_Connection):
         transfer_buffer: bytes = b"",
         interval: int = 0,
         into: memoryview | None = None,
+        setup: bytes = _NO_SETUP,
     ) -> list[bytes]:
-        """`send_iov(CmdSubmit(...))` of a non-isochronous URB without a SETUP packet (start_frame 0) — the
-        same bytes, checks and bookkeeping — without the message object when nothing is unusual (URB
-        phase, the imported devid, a fresh seqnum, an endpoint other than ep0, the lengths fit): a host's
+        """`send_iov(CmdSubmit(...))` of a non-isochronous URB (start_frame 0; `setup`, 8 bytes, for a
+        control URB) — the same bytes, checks and bookkeeping — without the message object when nothing is
+        unusual (URB phase, the imported devid, a fresh seqnum, an endpoint 0-15, the lengths fit): a host's
         per-URB path. `into` (an IN URB's, at least transfer_buffer_length bytes, format "B"): where
         `next_plain_ret` copies the data (into[:actual_length]; its transfer_buffer is then b""), instead of
         into a new bytes object; `next_event` still returns a RetSubmit with the bytes."""
@@ -1074,7 +1075,9 @@ class ClientConnection(_Connection):
             self._phase is _URB
             and devid == self._devid
             and type(ep) is int
-            and 0 < ep <= 15
+            and 0 <= ep <= 15
+            and type(setup) is bytes
+            and len(setup) == 8
             and seqnum not in self._submits
             and seqnum not in self._unlinks
             and (
@@ -1087,7 +1090,7 @@ class ClientConnection(_Connection):
             try:
                 header = CMD_SUBMIT_LAYOUT.pack(  # cmd_submit_header(), inline: once per URB
                     CMD_SUBMIT_COMMAND, seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length, 0, 0,
-                    interval, _NO_SETUP
+                    interval, setup
                 )
             except struct.error:
                 pass  # a field out of range: send_iov names it
@@ -1106,6 +1109,7 @@ class ClientConnection(_Connection):
                 transfer_buffer_length=transfer_buffer_length,
                 interval=interval,
                 transfer_buffer=transfer_buffer,
+                setup=setup,
             )
         )
         if into is not None:
