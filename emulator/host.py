@@ -1092,10 +1092,19 @@ class RemoteDevice:
         number = endpoint & 0x0F
         length = _plain_length(endpoint, data_or_length, into)
         if length >= 0 and setup is None and iso_packets is None:  # the per-URB path: checked in one test
-            seqnums: list[int] = []
-            self._queue_plain(((endpoint, typing.cast("bytes | int", data_or_length), into),), (length,),
-                              transfer_flags, interval, seqnums)
-            return self._register(seqnums[0], endpoint, length, (), on_done, into, timeout)
+            conn = link.conn
+            seqnum = conn.next_seqnum()
+            if endpoint & 0x80:
+                out = conn.submit_plain(seqnum, self.devid, _DIR_IN, number, transfer_flags | _URB_DIR_IN, length,
+                                        b"", interval, into)
+            else:
+                out = conn.submit_plain(seqnum, self.devid, _DIR_OUT, number, transfer_flags, length,
+                                        data_or_length, interval)  # type: ignore[arg-type]
+            link._out += out  # link.queue(), inline
+            if not link._flush_scheduled:
+                link._flush_scheduled = True
+                self._loop.call_soon(link.flush)
+            return self._register(seqnum, endpoint, length, (), on_done, into, timeout)
         if endpoint & 0x70:
             raise UnsupportedTransfer(f"endpoint address {endpoint:#04x} has reserved bits set")
         direction = USBIP_DIR_IN if endpoint & 0x80 else USBIP_DIR_OUT
@@ -1170,33 +1179,6 @@ class RemoteDevice:
             urb.deadline = self._expire_at(timeout)
         return urb
 
-    def _queue_plain(self, transfers: Sequence[tuple[int, bytes | int, memoryview | None]], lengths: Sequence[int],
-                     transfer_flags: int, interval: int, seqnums: list[int]) -> None:
-        """Queue the CMD_SUBMITs of URBs `_plain_length` passed (`lengths` is what it said), in order, and the
-        write that sends them; each one's seqnum goes to `seqnums` as it is queued (a refusal raises there)."""
-        link = self._link
-        conn = link.conn
-        out = link._out
-        try:
-            if interval:  # (submit_plain_many sends interval 0, what bulk and most interrupt URBs carry)
-                for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=False):
-                    seqnum = conn.next_seqnum()
-                    out += conn.submit_plain(seqnum, self.devid, _DIR_IN if endpoint & 0x80 else _DIR_OUT,
-                                             endpoint & 0x0F, transfer_flags | (_URB_DIR_IN if endpoint & 0x80 else 0),
-                                             length, b"" if endpoint & 0x80 else data_or_length,  # type: ignore[arg-type]
-                                             interval, into)
-                    seqnums.append(seqnum)
-            else:
-                urbs = []  # (a loop, not a comprehension: that would be one more frame per command)
-                for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=False):
-                    urbs.append((_DIR_IN, endpoint & 0x0F, transfer_flags | _URB_DIR_IN, length, b"", into)
-                                if endpoint & 0x80 else (_DIR_OUT, endpoint, transfer_flags, length, data_or_length, None))
-                conn.submit_plain_many(self.devid, urbs, out, seqnums)  # type: ignore[arg-type]
-        finally:
-            if out and not link._flush_scheduled:  # link.queue()'s scheduling, once for them all
-                link._flush_scheduled = True
-                self._loop.call_soon(link.flush)
-
     def _expire_at(self, timeout: float) -> float:
         """The deadline of a URB submitted now with `timeout`, the watchdog armed for it."""
         deadline = self._time() + timeout
@@ -1230,9 +1212,17 @@ class RemoteDevice:
                                       f"byte view that long) or OUT of bytes, not {endpoint:#04x} "
                                       f"{type(data_or_length).__name__}")
         seqnums: list[int] = []
-        try:
-            self._queue_plain(transfers, lengths, 0, 0, seqnums)
+        out = link._out
+        try:  # one core call for all (each one's seqnum goes to `seqnums` as it is queued: a refusal raises)
+            urbs = []  # (a loop, not a comprehension: that would be one more frame per group)
+            for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=True):
+                urbs.append((_DIR_IN, endpoint & 0x0F, _URB_DIR_IN, length, b"", into) if endpoint & 0x80
+                            else (_DIR_OUT, endpoint, 0, length, data_or_length, None))
+            link.conn.submit_plain_many(self.devid, urbs, out, seqnums)
         finally:
+            if out and not link._flush_scheduled:  # link.queue()'s scheduling, once for them all
+                link._flush_scheduled = True
+                self._loop.call_soon(link.flush)
             group = UrbGroup(self, seqnums, transfers, lengths, self._new_future())  # type: ignore[arg-type]
             grouped = self._grouped
             for index, seqnum in enumerate(seqnums):
