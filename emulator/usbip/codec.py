@@ -1032,10 +1032,6 @@ RET_SUBMIT_LAYOUT: Final = _RET_SUBMIT
 status, actual_length, start_frame, number_of_packets, error_count), for a host's per-URB path that reads
 the header in place (`read_ret_submit_header` returns the same fields)."""
 RET_SUBMIT_COMMAND: Final = _RET_SUBMIT_COMMAND
-CMD_SUBMIT_LAYOUT: Final = _CMD_SUBMIT
-"""usbip_header_basic + usbip_header_cmd_submit as one struct (`cmd_submit_header`'s, for a caller that
-packs it in place)."""
-CMD_SUBMIT_COMMAND: Final = _CMD_SUBMIT_COMMAND
 
 
 def cmd_submit_header(
@@ -1046,9 +1042,10 @@ def cmd_submit_header(
     transfer_flags: int,
     transfer_buffer_length: int,
     interval: int = 0,
+    setup: bytes = _NO_SETUP,
 ) -> bytes:
-    """The 48-byte header of a non-isochronous CMD_SUBMIT without a SETUP packet (start_frame and
-    number_of_packets 0): `pack_iov(CmdSubmit(...))[0]` in one struct call, for a host's per-URB path. A
+    """The 48-byte header of a non-isochronous CMD_SUBMIT (start_frame and number_of_packets 0; `setup`
+    for a control URB): `pack_iov(CmdSubmit(...))[0]` in one struct call, for a host's per-URB path. A
     value the wire cannot carry raises struct.error (the caller falls back to `pack_iov`, which names the
     field)."""
     return _CMD_SUBMIT.pack(
@@ -1062,7 +1059,7 @@ def cmd_submit_header(
         0,
         0,
         interval,
-        _NO_SETUP,
+        setup,
     )
 
 

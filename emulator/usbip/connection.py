@@ -42,8 +42,6 @@ from types import MappingProxyType
 from typing import Final, Literal, TypeAlias
 
 from emulator.usbip.codec import (
-    CMD_SUBMIT_COMMAND,
-    CMD_SUBMIT_LAYOUT,
     DEFAULT_LIMITS,
     READERS,
     RET_SUBMIT_COMMAND,
@@ -51,6 +49,7 @@ from emulator.usbip.codec import (
     Limits,
     PlainRet,
     PlainSubmit,
+    cmd_submit_header,
     message_name,
     pack_iov,
     peek_message_type,
@@ -1088,9 +1087,8 @@ class ClientConnection(_Connection):
             and not self._debug  # send_iov() logs each message
         ):
             try:
-                header = CMD_SUBMIT_LAYOUT.pack(  # cmd_submit_header(), inline: once per URB
-                    CMD_SUBMIT_COMMAND, seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length, 0, 0,
-                    interval, setup
+                header = cmd_submit_header(
+                    seqnum, devid, direction, ep, transfer_flags, transfer_buffer_length, interval, setup
                 )
             except struct.error:
                 pass  # a field out of range: send_iov names it
@@ -1127,13 +1125,14 @@ class ClientConnection(_Connection):
         transfer_buffer, into), interval 0 — with a fresh seqnum each (`next_seqnum`), in order: the bytes go to
         the end of `out` and the seqnums to `seqnums` as each URB is accepted, so a refusal (raised as
         `submit_plain` raises it) leaves the earlier ones submitted and accounted for. A host's per-command
-        path: one call for a Bulk-Only command's CBW, data and CSW."""
+        path: one call for a Bulk-Only command's CBW, data and CSW (or a batch of commands)."""
+        # submit_plain's shortcut and next_seqnum, inline: a pipelined READ runs this once per URB, and the
+        # calls cost ~10K instructions per 64 KiB command (callgrind); anything unusual goes to submit_plain.
         fast = self._phase is _URB and devid == self._devid and not self._debug
         submits = self._submits
         unlinks = self._unlinks
-        pack = CMD_SUBMIT_LAYOUT.pack
         for direction, ep, transfer_flags, length, transfer_buffer, into in urbs:
-            seqnum = self._last_seqnum % _SEQNUM_MAX + 1  # next_seqnum(), inline
+            seqnum = self._last_seqnum % _SEQNUM_MAX + 1
             while seqnum in submits or seqnum in unlinks:
                 seqnum = seqnum % _SEQNUM_MAX + 1
             self._last_seqnum = seqnum
@@ -1151,9 +1150,7 @@ class ClientConnection(_Connection):
                 )
             ):
                 try:
-                    header = pack(
-                        CMD_SUBMIT_COMMAND, seqnum, devid, direction, ep, transfer_flags, length, 0, 0, 0, _NO_SETUP
-                    )
+                    header = cmd_submit_header(seqnum, devid, direction, ep, transfer_flags, length)
                 except struct.error:
                     pass  # a field out of range: submit_plain names it
                 else:
