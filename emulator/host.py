@@ -676,10 +676,9 @@ class _BlockingLink(_LinkCore):
     def read_some(self) -> bool:
         if self.lost is not None:
             return False
-        conn = self.conn
         try:
             if self._fd >= 0:
-                nbytes = os.readv(self._fd, conn.get_buffers(_HEAD_READ if conn.reading_into else _READ_BUFFER))
+                nbytes = os.readv(self._fd, self._receive_buffers())
             else:
                 nbytes = self.sock.recv_into(self._receive)
         except BlockingIOError:
@@ -688,15 +687,11 @@ class _BlockingLink(_LinkCore):
             self._fail(exc)
             return True
         if not nbytes:
-            conn.receive_data(b"")
+            self.conn.receive_data(b"")
             self._pump()
             self._shut(None)
             return True
-        if self._fd >= 0:
-            conn.buffer_updated(nbytes)
-            self._pump()
-        else:
-            self._received(nbytes)
+        self._received(nbytes)
         if self._out:  # what the completions submitted leaves now
             self.flush()
         return True
@@ -725,7 +720,7 @@ class _BlockingLink(_LinkCore):
     # -- driving -------------------------------------------------------------------------------------------
 
     def _writable(self) -> bool:
-        return self._fd >= 0 or self.sock.fileno() >= 0
+        return self.sock.fileno() >= 0
 
     def _write(self, data: bytes) -> None:
         self._pending.append(memoryview(data))
@@ -1100,10 +1095,7 @@ class RemoteDevice:
             else:
                 out = conn.submit_plain(seqnum, self.devid, _DIR_OUT, number, transfer_flags, length,
                                         data_or_length, interval)  # type: ignore[arg-type]
-            link._out += out  # link.queue(), inline
-            if not link._flush_scheduled:
-                link._flush_scheduled = True
-                self._loop.call_soon(link.flush)
+            link.queue(out)
             return self._register(seqnum, endpoint, length, (), on_done, into, timeout)
         if endpoint & 0x70:
             raise UnsupportedTransfer(f"endpoint address {endpoint:#04x} has reserved bits set")
@@ -1197,40 +1189,29 @@ class RemoteDevice:
             raise link.lost
         if type(transfers) is not tuple:
             transfers = tuple(transfers)
-        lengths = []
-        for endpoint, data_or_length, into in transfers:  # all checked first: all or none are submitted
-            if type(data_or_length) is int and 0x80 < endpoint <= 0x8F and 0 <= data_or_length <= _INT32_MAX \
-                    and (into is None or (len(into) >= data_or_length and not into.readonly and into.format == "B")):
-                lengths.append(data_or_length)  # _plain_length(), inline for the usual shapes
-            elif into is None and type(data_or_length) is bytes and 0 < endpoint <= 0x0F:
-                lengths.append(len(data_or_length) if len(data_or_length) <= _INT32_MAX else -1)
-            else:
-                lengths.append(_plain_length(endpoint, data_or_length, into))
+        # all checked first: all or none are submitted
+        lengths = [_plain_length(endpoint, data_or_length, into) for endpoint, data_or_length, into in transfers]
         if -1 in lengths:
             endpoint, data_or_length, _ = transfers[lengths.index(-1)]
             raise UnsupportedTransfer(f"a URB group takes bulk or interrupt IN of a length (into: a writable "
                                       f"byte view that long) or OUT of bytes, not {endpoint:#04x} "
                                       f"{type(data_or_length).__name__}")
         seqnums: list[int] = []
-        out = link._out
+        out: list[bytes] = []
         try:  # one core call for all (each one's seqnum goes to `seqnums` as it is queued: a refusal raises)
-            urbs = []  # (a loop, not a comprehension: that would be one more frame per group)
-            for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=True):
-                urbs.append((_DIR_IN, endpoint & 0x0F, _URB_DIR_IN, length, b"", into) if endpoint & 0x80
-                            else (_DIR_OUT, endpoint, 0, length, data_or_length, None))
+            urbs = [(_DIR_IN, endpoint & 0x0F, _URB_DIR_IN, length, b"", into) if endpoint & 0x80
+                    else (_DIR_OUT, endpoint, 0, length, data_or_length, None)
+                    for (endpoint, data_or_length, into), length in zip(transfers, lengths, strict=True)]
             link.conn.submit_plain_many(self.devid, urbs, out, seqnums)
         finally:
-            if out and not link._flush_scheduled:  # link.queue()'s scheduling, once for them all
-                link._flush_scheduled = True
-                self._loop.call_soon(link.flush)
+            if out:
+                link.queue(out)  # what was accepted, in one write
             group = UrbGroup(self, seqnums, transfers, lengths, self._new_future())  # type: ignore[arg-type]
             grouped = self._grouped
             for index, seqnum in enumerate(seqnums):
                 grouped[seqnum] = (group, index)
             if timeout is not None and seqnums:
-                group.deadline = deadline = self._time() + timeout
-                if self._watchdog is None or deadline < self._watchdog_when:
-                    self._arm(deadline)
+                group.deadline = self._expire_at(timeout)
             if len(seqnums) < len(transfers):  # what was queued are real URBs: as if submitted one by one
                 self._ungroup(group)
         return group
