@@ -286,12 +286,12 @@ class _Started:
     urbs: list[Urb]  # every URB of the command, those submitted later (CSW re-read) included
 
 
-_READ_10_CDB = struct.Struct(">BBIBHB")  # READ(10) and WRITE(10): opcode, flags, LBA, group, length, control
+_RW_10_CDB = struct.Struct(">BBIBHB")  # READ(10) and WRITE(10): opcode, flags, LBA, group, length, control
 
 
 def _cdb_rw(opcode10: int, opcode16: int, lba: int, count: int) -> bytes:
     if lba + count - 1 <= 0xFFFFFFFF and count <= 0xFFFF:
-        return _READ_10_CDB.pack(opcode10, 0, lba, 0, count, 0)
+        return _RW_10_CDB.pack(opcode10, 0, lba, 0, count, 0)
     return struct.pack(">BBQIBB", opcode16, 0, lba, count, 0, 0)
 
 
@@ -306,11 +306,11 @@ def _split(total: int, parts: int, quantum: int) -> list[int]:
     return pieces
 
 
-
 def _csw_good(raw: bytes, tag: int) -> bool:
     """A 13-byte CSW answering `tag` with GOOD status and no residue: the command went as planned."""
     signature, csw_tag, residue, status = _CSW.unpack(raw)
     return signature == US_BULK_CS_SIGN and csw_tag == tag and not residue and status == US_BULK_STAT_OK
+
 
 # -- the initiator -----------------------------------------------------------------------------------------
 
@@ -819,8 +819,7 @@ class MassStorage:
             results = group.results
             while queue and queue[0][0] is group:
                 _, offset, urbs, _, _, _, tag = queue[0]
-                if _CSW.unpack(results[offset + urbs - 1][5]) != (  # type: ignore[index]
-                        US_BULK_CS_SIGN, tag, 0, US_BULK_STAT_OK):
+                if not _csw_good(results[offset + urbs - 1][5], tag):  # type: ignore[index]
                     halt()  # the task checks and recovers this command
                     return
                 queue.popleft()
@@ -829,9 +828,7 @@ class MassStorage:
                     halt()
                 return
             try:
-                with device.batched():
-                    while started_blocks < count and len(queue) < depth:
-                        start(min(batch, depth - len(queue), commands_left()))
+                refill()
             except Exception:  # e.g. the connection is gone: the task meets it again and raises it
                 halt()
 
@@ -842,13 +839,11 @@ class MassStorage:
             planned = []
             first = started_blocks
             for _ in range(commands):
-                n = per if count - first >= per else count - first
-                at = lba + first
-                cdb = (_READ_10_CDB.pack(READ_10, 0, at, 0, n, 0) if at + n <= 0x100000000 and n <= 0xFFFF
-                       else _cdb_rw(READ_10, READ_16, at, n))  # (_cdb_rw's READ(10), inline)
+                n = min(per, count - first)
+                cdb = _cdb_rw(READ_10, READ_16, lba + first, n)
                 length = n * block_size
                 at = first * block_size
-                self._tag = tag = self._tag % 0xFFFFFFFF + 1  # (_next_tag, inline)
+                tag = self._next_tag()
                 offset = len(transfers)
                 transfers.append((ep_out, _CBW.pack(US_BULK_CB_SIGN, tag, length, US_BULK_FLAG_IN, lun, len(cdb), cdb),
                                   None))
@@ -868,13 +863,14 @@ class MassStorage:
                 queue.append((group, *entry))
             started_blocks = first
 
-        def commands_left() -> int:
-            return -(-(count - started_blocks) // per)
-
-        try:
+        def refill() -> None:
+            """Fill the queue up to `depth` commands, in batches, in one write."""
             with device.batched():
                 while started_blocks < count and len(queue) < depth:
-                    start(min(batch, depth - len(queue), commands_left()))
+                    start(min(batch, depth - len(queue), -(-(count - started_blocks) // per)))
+
+        try:
+            refill()
             if queue:
                 await halted  # the clean stream runs in on_batch; what is left is for the loop below
             streaming = False
@@ -883,10 +879,9 @@ class MassStorage:
                 if not group.future.done():  # its batch: answered in order, all ended or one went wrong
                     await device.wait_group(group)
                 # Clean: every URB of the batch went as planned, and this command's CSW (13 bytes then) says
-                # GOOD for its tag, no residue (_csw_good, inline). Otherwise URB by URB, as a command
-                # submitted alone would be checked and recovered (the rest of a batch too).
-                if not (group.clean and _CSW.unpack(group.results[offset + urbs - 1][5])  # type: ignore[index]
-                        == (US_BULK_CS_SIGN, tag, 0, US_BULK_STAT_OK)):
+                # GOOD for its tag, no residue. Otherwise URB by URB, as a command submitted alone would be
+                # checked and recovered (the rest of a batch too).
+                if not (group.clean and _csw_good(group.results[offset + urbs - 1][5], tag)):  # type: ignore[index]
                     target = out[first * block_size:(first + n) * block_size]
                     started = self._started(group.urbs()[offset:offset + urbs], cdb, tag, len(target))
                     if not await self._read_clean(started, target):
@@ -898,9 +893,7 @@ class MassStorage:
                         await self._finish_read(started, target, seen)
                 queue.popleft()
                 if started_blocks < count and len(queue) <= depth - batch:
-                    with device.batched():  # several commands in one write: fewer sends, same order
-                        while started_blocks < count and len(queue) < depth:
-                            start(min(batch, depth - len(queue), commands_left()))
+                    refill()
         except asyncio.CancelledError:
             streaming = False
             self._cancel_queued(queue)
