@@ -38,7 +38,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-
 class BlockingRuntimeError(RuntimeError):
     """Host code awaited something only an asyncio event loop can run (a bug, not a device error)."""
 
@@ -61,10 +60,9 @@ class _Io(Protocol):
 class Handle:
     """A scheduled callback (`call_soon`, `call_at`); `cancel()` drops it."""
 
-    __slots__ = ("args", "callback", "cancelled", "when")
+    __slots__ = ("args", "callback", "cancelled")
 
-    def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
-        self.when = when
+    def __init__(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         self.callback = callback
         self.args = args
         self.cancelled = False
@@ -126,13 +124,13 @@ class BlockingLoop:
         log.error("%s", context.get("message", "unhandled error in the blocking host"), exc_info=context.get("exception"))
 
     def call_soon(self, callback: Callable[..., object], *args: Any, context: Any = None) -> Handle:
-        handle = Handle(0.0, callback, args)
+        handle = Handle(callback, args)
         self._ready.append(handle)
         self._wake_leader()
         return handle
 
     def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Handle:
-        handle = Handle(when, callback, args)
+        handle = Handle(callback, args)
         heapq.heappush(self._timers, (when, next(self._order), handle))
         self._wake_leader()
         return handle
