@@ -128,14 +128,19 @@ def blocking_read(port: int, size: int, in_flight: int) -> tuple[float, str]:
     return elapsed, hashlib.sha256(buffer).hexdigest()
 
 
+def round_trips(count: int, request: Callable[[], object]) -> list[float]:
+    """Seconds each of `count` calls of `request` took (one control round trip each)."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        request()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def blocking_controls(port: int, count: int) -> list[float]:
     with SyncRemoteDevice.open("127.0.0.1", "1-1", port) as remote:
-        times = []
-        for _ in range(count):
-            start = time.perf_counter()
-            remote.get_descriptor(1, 0, 18)
-            times.append(time.perf_counter() - start)
-    return times
+        return round_trips(count, lambda: remote.get_descriptor(1, 0, 18))
 
 
 async def host_controls(port: int, count: int) -> list[float]:
@@ -188,12 +193,7 @@ def pypi_controls(port: int, count: int) -> list[float]:
 
     handle = usbip.open(busid="1-1", transport=usbip.USBIP("127.0.0.1", port))
     try:
-        times = []
-        for _ in range(count):
-            start = time.perf_counter()
-            handle.control(0x80, 0x06, 0x0100, 0, 18)
-            times.append(time.perf_counter() - start)
-        return times
+        return round_trips(count, lambda: handle.control(0x80, 0x06, 0x0100, 0, 18))
     finally:
         handle.close()
 
@@ -214,11 +214,7 @@ def raw_read(port: int, size: int, depth: int) -> tuple[float, str]:
 def raw_controls(port: int, count: int) -> list[float]:
     client = RawClient(port)
     setup = bytes.fromhex("8006000100001200")
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        client.control(setup, 18)
-        times.append(time.perf_counter() - start)
+    times = round_trips(count, lambda: client.control(setup, 18))
     client.sock.close()
     return times
 
